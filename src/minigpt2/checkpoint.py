@@ -1,0 +1,165 @@
+"""Training checkpoints: one safetensors file each, written atomically, read without pickle.
+
+A checkpoint holds tensors under three prefixes (`model.`, `optim.`, `rng.`) and a JSON
+header in the safetensors metadata: iteration, best validation loss, model and training
+config, tokenizer, optimizer hyper-parameters, and a digest of every tensor's bytes so a file
+damaged on disk is refused rather than trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import MiniGPT2Error
+
+FORMAT_VERSION = 1
+LATEST = "ckpt.safetensors"
+BEST = "best.safetensors"
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """blake2b over names, dtypes, shapes and bytes of every tensor, in name order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_atomic(path: Path, write) -> None:
+    """Call write(tmp_path), fsync, then rename over path: readers see the old or the new file,
+    never half of one. On failure (a full disk, say) the old file stays and the error is raised."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise MiniGPT2Error(
+            f"could not write {path} ({e.strerror or e}); the previous file there is intact"
+        ) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
+    """Write tensors and header to path atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {**header, "format_version": FORMAT_VERSION, "digest": _digest(tensors)}
+    metadata = {"format": "pt", "minigpt2": json.dumps(header)}
+    write_atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and header of a checkpoint, refusing files that are missing or damaged."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MiniGPT2Error(f"no checkpoint at {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            header = json.loads((f.metadata() or {})["minigpt2"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise MiniGPT2Error(f"checkpoint {path} is truncated or corrupt ({first})") from None
+    if header.get("format_version") != FORMAT_VERSION:
+        raise MiniGPT2Error(f"checkpoint {path} has format {header.get('format_version')}, "
+                            f"this version reads {FORMAT_VERSION}")
+    if _digest(tensors) != header.get("digest"):
+        raise MiniGPT2Error(f"checkpoint {path} is corrupt: its contents do not match the "
+                            "digest written with it; use another checkpoint")
+    return tensors, header
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under `model.`, the tied head once, no torch.compile prefix."""
+    model = getattr(model, "_orig_mod", model)
+    return {f"model.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `model.` tensors into model (compiled or not); the head follows wte."""
+    model = getattr(model, "_orig_mod", model)
+    state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    state["lm_head.weight"] = state.get("transformer.wte.weight")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise MiniGPT2Error(f"checkpoint does not fit this model ({first})") from None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """Per-parameter optimizer state keyed by parameter name (so it survives re-sharding)."""
+    state = optimizer.state_dict()["state"]
+    out = {}
+    for index, name in enumerate(names):
+        for key, value in state.get(index, {}).items():
+            out[f"optim.{name}.{key}"] = torch.as_tensor(value)
+    return out
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict,
+                           param_groups: list[dict]) -> None:
+    """Restore state written by optimizer_tensors, with the saved hyper-parameters."""
+    state = {}
+    for index, name in enumerate(names):
+        prefix = f"optim.{name}."
+        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if entry:
+            state[index] = entry
+    current = optimizer.state_dict()
+    if len(param_groups) != len(current["param_groups"]):
+        raise MiniGPT2Error("checkpoint's optimizer has a different parameter grouping")
+    keep = ("lr", "initial_lr", "betas", "eps", "weight_decay")  # not fused/foreach: per device
+    groups = [
+        {**cur, **{k: saved[k] for k in keep if k in saved}}
+        for saved, cur in zip(param_groups, current["param_groups"], strict=True)
+    ]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """Random-number generator states (dropout draws from these)."""
+    out = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    """Put the generators back as rng_tensors found them."""
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
+            if f"rng.cuda.{i}" in tensors]
+    if cuda and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def load_model(path: Path):
+    """A GPT and the header from a checkpoint file (latest or best)."""
+    from .model import GPT, GPTConfig
+
+    tensors, header = load_checkpoint(path)
+    model = GPT(GPTConfig.from_dict(header["model_config"]))
+    load_model_tensors(model, tensors)
+    return model, header

@@ -1,0 +1,188 @@
+"""The command lines behind train.py and sample.py."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import MiniGPT2Error
+
+
+def train_main(argv: list[str], default_config: str | None = None) -> int:
+    """`train.py [CONFIG.toml] [--key=value ...]`; without a config file, the quickstart's."""
+    from .config import from_settings, read_settings
+    from .trainer import Trainer, print_summary, resume_state
+
+    if argv and argv[0] in ("-h", "--help"):
+        from .config import TrainConfig
+
+        print("usage: python train.py [CONFIG.toml] [--key=value ...]\nkeys and defaults:\n"
+              + TrainConfig().to_toml())
+        return 0
+    settings = read_settings(argv, default_config)  # a CONFIG.toml given replaces the default
+    cfg = from_settings({}, settings)
+    tensors = header = None
+    if cfg.init_from == "resume":
+        tensors, header = resume_state(cfg)
+        cfg = from_settings(header["train_config"], {**settings, "init_from": "resume"})
+        if header["iter"] >= cfg.max_iters and not cfg.eval_only:
+            raise MiniGPT2Error(f"the run in {cfg.out_dir} already reached step {header['iter']}"
+                                f"; raise max_iters to train further")
+    summary = Trainer(cfg, header, tensors).run()
+    print_summary(summary)
+    if "interrupted" in summary:
+        return 130 if summary["interrupted"] == "SIGINT" else 143
+    return 0
+
+
+def main_train(default_config: str | None = None) -> None:
+    """Entry point for train.py."""
+    from .errors import run_cli
+
+    sys.exit(run_cli(lambda argv: train_main(argv, default_config), sys.argv[1:]))
+
+
+def _sample_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="sample.py", description="Generate text from a GPT-2.")
+    p.add_argument("--model", default="out/quickstart",
+                   help="a training out_dir, a checkpoint file, a released-layout directory, "
+                   "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (default: %(default)s)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
+                   help="which checkpoint of an out_dir (best falls back to latest)")
+    p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
+    p.add_argument("--prompt", default="", help="prompt text, or - to read standard input")
+    p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=None, help="prompt plus new tokens")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample")
+    p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--compile", action="store_true")
+    return p
+
+
+def _read_prompt(args) -> str:
+    from pathlib import Path
+
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            return sys.stdin.read()
+        try:
+            return Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise MiniGPT2Error(f"cannot read prompt file {args.prompt_file}: {e}") from None
+    return sys.stdin.read() if args.prompt == "-" else args.prompt
+
+
+def load_for_sampling(spec: str, which: str, tokenizer_spec: str | None):
+    """(model, tokenizer) from an out_dir, a checkpoint file, a released dir or a preset."""
+    from pathlib import Path
+
+    from . import checkpoint as ckpt
+    from .tokenizer import get_tokenizer
+
+    path = Path(spec).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        names = [ckpt.BEST, ckpt.LATEST] if which == "best" else [ckpt.LATEST]
+        found = [path / n for n in names if (path / n).is_file()]
+        if not found:
+            raise MiniGPT2Error(f"{path} holds no checkpoint ({' or '.join(names)}) and no "
+                                "config.json; pass a training out_dir or a model directory")
+        path = found[0]
+    if path.is_file():
+        model, header = ckpt.load_model(path)
+        saved = header.get("tokenizer_spec", header["tokenizer"])
+        usable = saved in ("byte", "gpt2") or Path(saved).is_file()
+        tokenizer = get_tokenizer(tokenizer_spec or (saved if usable else header["tokenizer"]))
+        if tokenizer_spec is None and tokenizer.fingerprint != header["tokenizer_hash"]:
+            raise MiniGPT2Error(f"{path} was trained with tokenizer {header['tokenizer']!r}; "
+                                "pass it with --tokenizer")
+        return model, tokenizer
+    from .pretrained import load_pretrained
+
+    return load_pretrained(spec), get_tokenizer(tokenizer_spec or "gpt2")
+
+
+def sample_main(argv: list[str]) -> int:
+    """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
+    import codecs
+    import json
+    import warnings
+
+    import torch
+
+    from .device import resolve_device, resolve_dtype
+    from .generate import GenerationStats, Generator, SamplingConfig
+
+    args = _sample_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.num_samples < 1:
+        raise MiniGPT2Error(f"--num-samples={args.num_samples} must be at least 1")
+    model, tok = load_for_sampling(args.model, args.checkpoint, args.tokenizer)
+    text = _read_prompt(args)
+    prompt = tok.encode(text) or [tok.eot_id]
+    if args.max_new_tokens is None and args.max_length is not None:
+        if args.max_length <= len(prompt):
+            raise MiniGPT2Error(f"--max-length={args.max_length} is not above the prompt's "
+                                f"{len(prompt)} tokens")
+        args.max_new_tokens = args.max_length - len(prompt)
+    block = model.config.block_size
+    if len(prompt) > block:
+        warnings.warn(f"prompt of {len(prompt)} tokens is longer than the context ({block}); "
+                      f"keeping its last {block}", stacklevel=1)
+        prompt = prompt[-block:]
+    cfg = SamplingConfig(
+        max_new_tokens=args.max_new_tokens or 100, temperature=args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        greedy=args.greedy, stop_at_eot=args.stop_at_eot, eot_id=tok.eot_id, seed=args.seed,
+    ).check()
+    model.to(device=device, dtype=dtype)
+    gen = Generator(model, vocab_limit=tok.vocab_size)
+    if args.compile:
+        gen.model = torch.compile(gen.model)
+    stats = GenerationStats()
+    steps = gen.stream(prompt, args.num_samples, cfg, not args.no_cache, stats)
+    streaming = args.num_samples == 1 and not args.json
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # never half a character
+    rows: list[list[int]] = [[] for _ in range(args.num_samples)]
+    if streaming:
+        sys.stdout.write(text)
+    for token in steps:
+        for row, t in zip(rows, token.tolist(), strict=True):
+            row.append(t)
+        if streaming and not (cfg.stop_at_eot and rows[0][-1] == tok.eot_id):
+            sys.stdout.write(decoder.decode(tok.decode_bytes(rows[0][-1:])))
+            sys.stdout.flush()
+    if cfg.stop_at_eot:
+        rows = [r[: r.index(tok.eot_id) + 1] if tok.eot_id in r else r for r in rows]
+    if streaming:
+        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    for i, row in enumerate(rows if not streaming else []):
+        body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
+        if args.json:
+            print(json.dumps({"prompt": text, "text": body, "token_ids": row,
+                              "finish_reason": stats.finish[i]}, ensure_ascii=False))
+        else:
+            print(f"{'-' * 20} sample {i + 1}\n{text}{body}")
+    print(f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens} x "
+          f"{args.num_samples}, {stats.seconds:.2f} s, {stats.tokens_per_sec:.1f} tokens/s",
+          file=sys.stderr)
+    return 0
+
+
+def main_sample() -> None:
+    """Entry point for sample.py."""
+    from .errors import run_cli
+
+    sys.exit(run_cli(sample_main, sys.argv[1:]))

@@ -1,0 +1,198 @@
+"""Training configuration: one typed dataclass, read strictly from TOML files and --key=value.
+
+Key names follow nanoGPT's train.py where one exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import MiniGPT2Error
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; see configs/*.toml for worked examples."""
+
+    # run
+    out_dir: str = "out"  # checkpoints, config.toml, metrics.jsonl and loss.png go here
+    init_from: str = "scratch"  # scratch | resume | a released model: gpt2, gpt2-medium, a dir
+    eval_only: bool = False  # evaluate the starting model's loss and perplexity, then exit
+    seed: int = 1337  # model init, data order and dropout all follow from it
+    # data
+    data: str = "stdlib"  # text file, directory, glob, stdlib, hf:NAME[:CONFIG], prepared dir
+    tokenizer: str = "byte"  # byte | gpt2 | path/to/gpt2.tiktoken
+    data_cache: str = ""  # where prepared corpora are cached ("" = ~/.cache/minigpt2/data)
+    val_fraction: float = 0.1  # last fraction of the tokens held out for validation
+    hf_split: str = "train"  # split of an hf: dataset
+    text_column: str = "text"  # text column of an hf: dataset
+    # model (for init_from=scratch; a released model brings its own shape)
+    model: str = ""  # a preset (tiny, mini, small, gpt2, ...); n_layer etc. below override it
+    n_layer: int = 0  # 0 = from the preset
+    n_head: int = 0
+    n_embd: int = 0
+    block_size: int = 256  # context; for a released model, a smaller value crops it
+    dropout: float = 0.0
+    bias: bool = True
+    vocab_multiple: int = 1  # pad the vocabulary up to a multiple (64 makes GPT-2's 50304)
+    attn_impl: str = "sdpa"  # sdpa | math
+    # optimisation
+    batch_size: int = 12  # sequences per micro-step (per process)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    max_iters: int = 2000  # optimizer steps
+    optimizer: str = "adamw"  # adamw | adam
+    learning_rate: float = 1e-3  # peak, reached after warmup
+    min_lr: float = 1e-4  # end of the decay
+    warmup_iters: int = 100  # linear warmup from 0
+    lr_decay_iters: int = 0  # 0 = max_iters
+    decay: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1  # on matrices only, never biases, LayerNorms or embeddings
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250  # steps between evaluations (and always at the end)
+    eval_iters: int = 20  # batches per split per evaluation
+    log_interval: int = 10  # steps between metrics.jsonl lines
+    checkpoint_interval: int = 250  # steps between checkpoints (and always at the end)
+    sample_tokens: int = 200  # tokens sampled from the final model (0 = none)
+    sample_prompt: str = "\n"
+    progress: bool = True  # tqdm progress bar
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; fp16 uses a grad scaler)
+    compile: bool = False  # torch.compile the model
+    threads: int = 0  # CPU threads for torch (0 = torch's default)
+    fsdp: bool = False  # under torchrun: shard parameters with FSDP instead of DDP
+    dist_timeout: float = 300.0  # seconds a collective may wait before the run is stopped
+
+    def check(self) -> TrainConfig:
+        """Reject values that are of the right type but make no sense."""
+        choices = {"optimizer": ("adamw", "adam"), "decay": ("cosine", "linear", "constant"),
+                   "dtype": ("float32", "bfloat16", "float16"), "attn_impl": ("sdpa", "math")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise MiniGPT2Error(f"{key}={getattr(self, key)!r}; use one of {', '.join(allowed)}")
+        positive = ("batch_size", "gradient_accumulation_steps", "block_size", "eval_iters",
+                    "eval_interval", "log_interval", "checkpoint_interval", "vocab_multiple")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise MiniGPT2Error(f"{key}={getattr(self, key)} must be at least 1")
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 0:
+                raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
+        if not 0 <= self.min_lr <= self.learning_rate:
+            raise MiniGPT2Error(f"min_lr={self.min_lr} must be between 0 and learning_rate")
+        return self
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML, to save beside the checkpoints."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.encode("unicode_escape").decode().replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{f.name} = {text}")
+        return "\n".join(lines) + "\n"
+
+
+_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_TYPE_NAMES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _valid_keys() -> str:
+    return ", ".join(_TYPES)
+
+
+def _coerce(key: str, value, origin: str):
+    """value as the field's type; ints are accepted where floats are expected."""
+    want = _TYPE_NAMES[_TYPES[key]]
+    if isinstance(value, str) and origin == "command line" and want is not str:
+        text = value.strip().lower()
+        try:
+            if want is bool:
+                if text not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return text in ("true", "1", "yes")
+            return want(value)
+        except ValueError:
+            raise MiniGPT2Error(
+                f"{origin}: {key}={value!r} is not a valid {want.__name__}"
+            ) from None
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if type(value) is not want:
+        raise MiniGPT2Error(
+            f"{origin}: {key} must be {want.__name__}, got {type(value).__name__} {value!r}"
+        )
+    return value
+
+
+def _apply(values: dict, updates: dict, origin: str) -> None:
+    for raw_key, value in updates.items():
+        key = raw_key.replace("-", "_")
+        if key not in _TYPES:
+            raise MiniGPT2Error(f"{origin}: unknown key {raw_key!r}; valid keys: {_valid_keys()}")
+        values[key] = _coerce(key, value, origin)
+
+
+def parse_args(argv: list[str], default_file: str | None = None) -> TrainConfig:
+    """Build a config from `[FILE.toml] [--key=value | --key value ...]`."""
+    return TrainConfig(**read_settings(argv, default_file)).check()
+
+
+def from_settings(base: dict, settings: dict) -> TrainConfig:
+    """A config from a saved one (base, e.g. a checkpoint's) with settings given now on top."""
+    values: dict = {}
+    _apply(values, {k: v for k, v in base.items() if k in _TYPES}, "saved config")
+    return TrainConfig(**{**values, **settings}).check()
+
+
+def read_settings(argv: list[str], default_file: str | None = None) -> dict:
+    """The settings given explicitly by a TOML file and the command line, typed and checked."""
+    files = [a for a in argv if not a.startswith("--") and a.endswith(".toml")]
+    rest = [a for a in argv if a not in files]
+    if len(files) > 1:
+        raise MiniGPT2Error(f"give at most one config file, got {len(files)}: {files}")
+    values: dict = {}
+    path = files[0] if files else default_file
+    if path:
+        _apply(values, load_toml(Path(path)), str(path))
+    overrides, i = {}, 0
+    while i < len(rest):
+        arg = rest[i]
+        if not arg.startswith("--"):
+            raise MiniGPT2Error(f"unexpected argument {arg!r}; use --key=value (keys: "
+                                f"{_valid_keys()})")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):
+            key, value, i = arg[2:], rest[i + 1], i + 1
+        else:
+            raise MiniGPT2Error(f"{arg} has no value; write {arg}=VALUE")
+        overrides[key] = value
+        i += 1
+    _apply(values, overrides, "command line")
+    return values
+
+
+def load_toml(path: Path) -> dict:
+    """A TOML file's top-level table, with a one-line error when it is missing or malformed."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise MiniGPT2Error(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise MiniGPT2Error(f"{path}: not valid TOML ({e})") from None
+
+
+def replace(config: TrainConfig, **changes) -> TrainConfig:
+    """A copy of config with fields changed (and checked)."""
+    return dataclasses.replace(config, **changes).check()

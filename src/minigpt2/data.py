@@ -1,0 +1,342 @@
+"""Corpus preparation: any text source to cached token shards, and reading them back.
+
+    python -m minigpt2.data prepare SOURCE --tokenizer gpt2 [--out-dir DIR]
+
+SOURCE is a text file, a directory, a glob, `stdlib` (this Python's standard-library sources)
+or `hf:NAME[:CONFIG]` (a Hugging Face dataset, streamed). Documents are joined by the
+end-of-text token. The output directory holds flat token shards (numpy.memmap-able) and
+meta.json; validation is the last `val_fraction` of all tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MiniGPT2Error
+from .tokenizer import ByteTokenizer, Tokenizer, get_tokenizer
+
+FORMAT_VERSION = 1
+META = "meta.json"
+CHUNK_CHARS = 1 << 20  # texts are tokenised in pieces of about this many characters
+BATCH_CHARS = 16 << 20  # characters handed to one batch-encode call (bounds memory)
+SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
+
+
+def default_cache_dir() -> Path:
+    """Where prepared corpora live unless told otherwise ($MINIGPT2_DATA_CACHE)."""
+    env = os.environ.get("MINIGPT2_DATA_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "minigpt2" / "data"
+
+
+@dataclass
+class Source:
+    """A corpus: a description, its files (if local) and how to read its documents."""
+
+    spec: str
+    files: list[Path]
+    hf: tuple[str, str | None] | None = None
+    hf_split: str = "train"
+    text_column: str = "text"
+
+    def fingerprint(self) -> list:
+        """What identifies this corpus' content for the cache: paths, sizes and mtimes."""
+        if self.hf:
+            return [self.spec, self.hf_split, self.text_column]
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+
+
+def resolve_source(spec: str, hf_split: str = "train", text_column: str = "text") -> Source:
+    """Turn a SOURCE string into a Source, checking that local files exist."""
+    if spec.startswith("hf:"):
+        name, _, config = spec[3:].partition(":")
+        if not name:
+            raise MiniGPT2Error("hf: source needs a dataset name, as in hf:NAME or hf:NAME:CONFIG")
+        return Source(spec, [], (name, config or None), hf_split, text_column)
+    if spec == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        skip = {"site-packages", "test", "tests", "__pycache__"}
+        files = [f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts)]
+        return Source(f"stdlib ({root})", sorted(files))
+    if any(c in spec for c in "*?["):
+        files = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
+        if not files:
+            raise MiniGPT2Error(f"no files match {spec!r}")
+        return Source(spec, files)
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return Source(str(path.resolve()), [path.resolve()])
+    if path.is_dir():
+        files = sorted(
+            f
+            for f in path.resolve().rglob("*")
+            if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts)
+        )
+        if not files:
+            raise MiniGPT2Error(f"directory {path} holds no files")
+        return Source(str(path.resolve()), files)
+    raise MiniGPT2Error(
+        f"data source {spec!r} not found; pass a text file, a directory, a glob, "
+        "stdlib or hf:NAME[:CONFIG]"
+    )
+
+
+def _split_point(text: str, limit: int) -> int:
+    """An index <= limit after a newline followed by non-space: cutting there leaves GPT-2's
+    pre-tokenisation (and so its tokens) unchanged. Falls back to limit."""
+    pos = limit
+    while (pos := text.rfind("\n", 0, pos)) > 0:
+        if pos + 1 < len(text) and not text[pos + 1].isspace():
+            return pos + 1
+    return limit
+
+
+def _file_documents(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
+    """(text piece, ends document) pairs for one file, read incrementally."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    buf, offset = "", 0
+    with open(path, "rb") as f:
+        while True:
+            raw = f.read(CHUNK_CHARS)
+            try:
+                buf += decoder.decode(raw, final=not raw)
+            except UnicodeDecodeError as e:
+                raise MiniGPT2Error(
+                    f"{path}: not valid UTF-8 (byte {offset + e.start}); pass "
+                    "--decode-errors=replace to decode with replacement characters"
+                ) from None
+            offset += len(raw)
+            while len(buf) > 2 * CHUNK_CHARS or (not raw and len(buf) > CHUNK_CHARS):
+                cut = _split_point(buf, CHUNK_CHARS)
+                yield buf[:cut], False
+                buf = buf[cut:]
+            if not raw:
+                yield buf, True
+                return
+
+
+def iter_documents(source: Source, errors: str = "strict") -> Iterator[tuple[str, bool]]:
+    """Every document of source as (text piece, ends document) pairs."""
+    if source.hf is None:
+        for path in source.files:
+            yield from _file_documents(path, errors)
+        return
+    try:
+        import datasets
+
+        name, config = source.hf
+        ds = datasets.load_dataset(name, config, split=source.hf_split, streaming=True)
+        for row in ds:
+            text = row[source.text_column]
+            for start in range(0, max(len(text), 1), CHUNK_CHARS):
+                yield text[start : start + CHUNK_CHARS], start + CHUNK_CHARS >= len(text)
+    except MiniGPT2Error:
+        raise
+    except KeyError:
+        raise MiniGPT2Error(
+            f"{source.spec}: no text column {source.text_column!r}; pass --text-column"
+        ) from None
+    except Exception as e:  # offline, unknown name, bad split: one line, no traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MiniGPT2Error(
+            f"cannot read dataset {source.spec!r} ({first}); offline, pass a local text "
+            "file or directory instead"
+        ) from None
+
+
+class _ShardWriter:
+    """Appends token arrays to numbered flat files of at most shard_tokens tokens each."""
+
+    def __init__(self, directory: Path, dtype, shard_tokens: int) -> None:
+        self.directory, self.dtype, self.shard_tokens = directory, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        tokens = tokens.astype(self.dtype, copy=False)
+        while len(tokens):
+            if self.file is None or self.shards[-1]["tokens"] == self.shard_tokens:
+                self._next_shard()
+            room = self.shard_tokens - self.shards[-1]["tokens"]
+            self.file.write(tokens[:room].tobytes())
+            self.shards[-1]["tokens"] += len(tokens[:room])
+            tokens = tokens[room:]
+
+    def _next_shard(self) -> None:
+        self.close()
+        name = f"shard-{len(self.shards):05d}.bin"
+        self.file = open(self.directory / name, "wb")
+        self.shards.append({"file": name, "tokens": 0})
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> np.ndarray:
+    """One token array for a batch of pieces, end-of-text after each finished document."""
+    eot = np.array([tokenizer.eot_id], dtype=np.uint32)
+    texts = [t for t, _ in pieces]
+    if isinstance(tokenizer, ByteTokenizer):
+        encoded = [tokenizer.encode_array(t) for t in texts]
+    else:
+        encoded = [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)]
+    out = []
+    for ids, (_, ends) in zip(encoded, pieces, strict=True):
+        out.append(ids)
+        if ends:
+            out.append(eot)
+    return np.concatenate(out) if out else eot[:0]
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Delete half-written preparations of out whose writer process is gone."""
+    for partial in out.parent.glob(out.name + ".partial-*"):
+        pid = int(partial.name.rsplit("-", 1)[-1]) if partial.name[-1].isdigit() else 0
+        try:
+            os.kill(pid, 0)
+            if pid:
+                continue  # still being written by a live process
+        except (ProcessLookupError, PermissionError, ValueError):
+            pass
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def prepare(
+    spec: str,
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    val_fraction: float = 0.1,
+    decode_errors: str = "strict",
+    hf_split: str = "train",
+    text_column: str = "text",
+    shard_tokens: int = SHARD_TOKENS,
+    progress: bool = True,
+) -> Path:
+    """Tokenise a corpus into shards (or reuse a finished preparation) and return its directory."""
+    from tqdm import tqdm
+
+    if not 0.0 < val_fraction < 1.0:
+        raise MiniGPT2Error(f"val_fraction={val_fraction} must be between 0 and 1")
+    if decode_errors not in ("strict", "replace"):
+        raise MiniGPT2Error(f"decode_errors={decode_errors!r}; use strict or replace")
+    source = resolve_source(spec, hf_split, text_column)
+    identity = dict(
+        format=FORMAT_VERSION,
+        source=source.spec,
+        content=source.fingerprint(),
+        tokenizer=tokenizer.fingerprint,
+        val_fraction=val_fraction,
+        errors=decode_errors,
+    )
+    key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()
+    slug = "".join(c if c.isalnum() else "_" for c in Path(spec.split(":")[-1]).name)[:40]
+    out = Path(cache_dir or default_cache_dir()) / f"{slug}-{tokenizer.name}-{key[:16]}"
+    if (out / META).is_file():
+        return out  # finished earlier: meta.json is written last, then the directory renamed
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = _ShardWriter(tmp, tokenizer.token_dtype(), shard_tokens)
+        total_chars = sum(f.stat().st_size for f in source.files) or None
+        bar = tqdm(
+            total=total_chars,
+            unit="char",
+            unit_scale=True,
+            desc="tokenizing",
+            disable=not progress,
+            file=sys.stderr,
+        )
+        batch, chars, documents = [], 0, 0
+        for piece in iter_documents(source, decode_errors):
+            batch.append(piece)
+            chars += len(piece[0])
+            documents += piece[1]
+            if chars >= BATCH_CHARS:
+                writer.write(_encode_pieces(tokenizer, batch))
+                bar.update(chars)
+                batch, chars = [], 0
+        writer.write(_encode_pieces(tokenizer, batch))
+        bar.update(chars)
+        bar.close()
+        writer.close()
+        total = sum(s["tokens"] for s in writer.shards)
+        if total <= documents:
+            raise MiniGPT2Error(f"corpus {source.spec!r} is empty: it holds no text")
+        n_val = int(total * val_fraction)
+        meta = dict(
+            format_version=FORMAT_VERSION,
+            tokenizer=tokenizer.name,
+            tokenizer_hash=tokenizer.fingerprint,
+            vocab_size=tokenizer.vocab_size,
+            eot_id=tokenizer.eot_id,
+            dtype=np.dtype(tokenizer.token_dtype()).name,
+            source=source.spec,
+            documents=documents,
+            total_tokens=total,
+            train_tokens=total - n_val,
+            val_tokens=n_val,
+            val_fraction=val_fraction,
+            shards=writer.shards,
+        )
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(tmp, out)
+        except OSError:  # another process finished the same preparation first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m minigpt2.data prepare SOURCE ...`: prepare a corpus, print where it went."""
+    parser = argparse.ArgumentParser(prog="python -m minigpt2.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenise a corpus into cached token shards")
+    p.add_argument("source", help="text file, directory, glob, stdlib or hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", default="gpt2", help="byte, gpt2 or path/to/gpt2.tiktoken")
+    p.add_argument("--out-dir", default=None, help="cache directory (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--decode-errors", choices=("strict", "replace"), default="strict")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--text-column", default="text")
+    args = parser.parse_args(argv)
+    out = prepare(
+        args.source,
+        get_tokenizer(args.tokenizer),
+        cache_dir=args.out_dir,
+        val_fraction=args.val_fraction,
+        decode_errors=args.decode_errors,
+        hf_split=args.hf_split,
+        text_column=args.text_column,
+    )
+    meta = json.loads((out / META).read_text())
+    print(
+        f"{out}\n{meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
+        f"({meta['tokenizer']}, {meta['documents']:,} documents)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from .errors import run_cli
+
+    sys.exit(run_cli(main))

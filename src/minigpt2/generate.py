@@ -1,0 +1,161 @@
+"""Text generation with a key/value cache: the prompt runs once, then one token per step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MiniGPT2Error
+from .model import GPT, KVCache
+
+
+@dataclass
+class SamplingConfig:
+    """How to pick each next token; the semantics of transformers' generate()."""
+
+    max_new_tokens: int = 100
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # keep the k most likely tokens (0 = all)
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p (nucleus)
+    repetition_penalty: float = 1.0  # > 1 discourages tokens already in the sequence (CTRL)
+    greedy: bool = False  # argmax, as do_sample=False
+    stop_at_eot: bool = False  # end a sample at the end-of-text token
+    eot_id: int | None = None
+    seed: int | None = None  # sample i draws from a generator seeded with seed + i
+
+    def check(self) -> SamplingConfig:
+        """Refuse values with no meaning, each with a one-line message."""
+        if self.temperature < 0:
+            raise MiniGPT2Error(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if not 0 < self.top_p <= 1:
+            raise MiniGPT2Error(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise MiniGPT2Error(f"top_k={self.top_k} must be >= 0 (0 turns it off)")
+        if self.repetition_penalty <= 0:
+            raise MiniGPT2Error(f"repetition_penalty={self.repetition_penalty} must be > 0")
+        if self.max_new_tokens < 1:
+            raise MiniGPT2Error(f"max_new_tokens={self.max_new_tokens} must be at least 1")
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding, asked for directly or by temperature 0."""
+        return self.greedy or self.temperature == 0
+
+
+def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None):
+    """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits, in that order
+    (transformers' order); filtered-out entries become -inf."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / cfg.repetition_penalty,
+                             picked * cfg.repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
+    if cfg.is_greedy:
+        return logits
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # mass before this token already >= p
+        drop[:, 0] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list) -> torch.Tensor:
+    """Next token per row from processed logits: argmax, or a draw with each row's generator."""
+    if cfg.is_greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+
+
+@dataclass
+class GenerationStats:
+    """What one generate() call did, for the timing line."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    finish: list[str] = field(default_factory=list)
+
+    @property
+    def tokens_per_sec(self) -> float:
+        """New tokens per second per sample."""
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+class Generator:
+    """Generates from a GPT with a KV cache; several samples of one prompt run as one batch."""
+
+    def __init__(self, model: GPT, vocab_limit: int | None = None) -> None:
+        self.model = getattr(model, "_orig_mod", model).eval()
+        wte = self.model.transformer.wte.weight
+        vocab = vocab_limit or wte.shape[0]
+        if vocab > wte.shape[0]:
+            raise MiniGPT2Error(f"the tokenizer has {vocab} ids but the model only "
+                                f"{wte.shape[0]}: they do not belong together")
+        # Decoding reads the whole head each token; stored (C, V) contiguous, the
+        # matrix-vector product streams it about 1.6x faster than F.linear's (V, C) layout
+        # (measured on these CPUs; see BENCHMARKS.md). Padded ids past vocab are never scored.
+        self.head_t = wte.detach()[:vocab].t().contiguous()
+
+    def logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """Next-token logits (B, V) after idx."""
+        return self.model.hidden_states(idx, cache)[:, -1, :] @ self.head_t
+
+    @torch.inference_mode()
+    def stream(self, prompt: list[int], num_samples: int, cfg: SamplingConfig,
+               use_cache: bool = True, stats: GenerationStats | None = None
+               ) -> Iterator[torch.Tensor]:
+        """Yield the next token of every sample, (num_samples,), step by step."""
+        cfg.check()
+        block = self.model.config.block_size
+        device = self.head_t.device
+        if not prompt:
+            raise MiniGPT2Error("empty prompt: start from the end-of-text token instead")
+        seq = torch.tensor([prompt[-block:]] * num_samples, dtype=torch.long, device=device)
+        gens = [torch.Generator(device=device) for _ in range(num_samples)]
+        for i, g in enumerate(gens):
+            g.manual_seed((cfg.seed if cfg.seed is not None else torch.seed()) + i)
+        cache = (KVCache(self.model.config, num_samples, block, device, self.head_t.dtype)
+                 if use_cache else None)
+        stats = stats or GenerationStats()
+        stats.prompt_tokens, stats.finish = len(prompt), ["length"] * num_samples
+        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
+        step_input, t0 = seq, time.perf_counter()
+        for _ in range(cfg.max_new_tokens):
+            if cache is not None and cache.pos + step_input.shape[1] > block:
+                cache.pos, step_input = 0, seq[:, -block:]  # slide: re-run the last window
+            logits = self.logits(step_input if cache is not None else seq[:, -block:], cache)
+            token = pick_tokens(process_logits(logits, cfg, seq), cfg, gens)
+            if cfg.stop_at_eot and cfg.eot_id is not None:
+                token = torch.where(done, cfg.eot_id, token)
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            step_input = token[:, None]
+            stats.new_tokens += 1
+            yield token
+            if cfg.stop_at_eot and cfg.eot_id is not None:
+                for i in (token == cfg.eot_id).logical_and(~done).nonzero().flatten().tolist():
+                    stats.finish[i] = "eot"
+                done |= token == cfg.eot_id
+                if bool(done.all()):
+                    break
+        stats.seconds = time.perf_counter() - t0
+
+    def generate(self, prompt: list[int], num_samples: int, cfg: SamplingConfig,
+                 use_cache: bool = True) -> list[list[int]]:
+        """New token ids of each sample (cut after end-of-text when stop_at_eot)."""
+        steps = list(self.stream(prompt, num_samples, cfg, use_cache))
+        out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
+        if cfg.stop_at_eot and cfg.eot_id is not None:
+            out = [row[: row.index(cfg.eot_id) + 1] if cfg.eot_id in row else row for row in out]
+        return out

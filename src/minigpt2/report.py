@@ -1,0 +1,138 @@
+"""What a run shows and leaves behind: progress bar, metrics.jsonl, config.toml, loss.png and a
+closing sample. Only the main process reports."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from .checkpoint import write_atomic
+from .device import peak_flops
+
+METRICS = "metrics.jsonl"
+
+
+def _trim_metrics(path: Path, last_iter: int) -> None:
+    """On resume, drop lines logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get("iter", 0) <= last_iter]
+    if len(keep) != len(lines):
+        write_atomic(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+
+
+class Reporter:
+    """Progress bar, metrics file and closing outputs of a Trainer."""
+
+    def __init__(self, trainer) -> None:
+        from tqdm import tqdm
+
+        self.t = trainer
+        self.active = trainer.dist.is_main
+        cfg = trainer.cfg
+        self.tokens_per_step = trainer.global_batch * trainer.block_size
+        self.flops_per_step = trainer.model.flops_per_token(trainer.block_size) * \
+            self.tokens_per_step
+        self.peak = peak_flops(trainer.device, trainer.dtype) if self.active else None
+        self.mark = (trainer.iter, time.perf_counter())
+        self.bar = None
+        if not self.active:
+            return
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "config.toml", lambda tmp: Path(tmp).write_text(cfg.to_toml()))
+        self.metrics_path = out / METRICS
+        _trim_metrics(self.metrics_path, trainer.iter)
+        self.bar = tqdm(total=cfg.max_iters, initial=trainer.iter, disable=not cfg.progress,
+                        file=sys.stderr, dynamic_ncols=True, desc="train")
+        self.say(f"model: {trainer.model.num_params():,} parameters, {trainer.device}, "
+                 f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
+                 f"tokens ({trainer.dist.world_size} process(es))")
+
+    def say(self, text: str) -> None:
+        """A line that does not break the progress bar."""
+        if self.active:
+            (self.bar.write if self.bar is not None else print)(text, file=sys.stderr)
+
+    def step(self) -> None:
+        """One optimizer step done."""
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, it: int, loss: float, lr: float, evals: dict) -> None:
+        """Record step it: throughput since the last log (evaluation time excluded)."""
+        now = time.perf_counter()
+        steps, seconds = it - self.mark[0], now - self.mark[1]
+        tps = steps * self.tokens_per_step / seconds if seconds > 0 and steps else 0.0
+        mfu = steps * self.flops_per_step / seconds / self.peak if self.peak and tps else None
+        if self.active:
+            row = {"iter": it, "train_loss": loss, "val_loss": evals.get("val_loss"), "lr": lr,
+                   "tokens_per_sec": round(tps, 1), "elapsed": round(self.t.elapsed(), 3),
+                   "mfu": round(mfu, 4) if mfu is not None else None}
+            if evals:
+                row |= {"eval_train_loss": evals["train_loss"], "val_ppl": evals["val_ppl"]}
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                                     mfu=f"{mfu:.1%}" if mfu is not None else "n/a")
+            if evals:
+                self.say(f"step {it}: train {evals['train_loss']:.4f}, val "
+                         f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})")
+        self.mark = (it, time.perf_counter())
+
+    def finish(self, summary: dict) -> None:
+        """Close the bar; then the loss plot and a sample from the trained model."""
+        if not self.active:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if "interrupted" in summary:
+            self.say(f"{summary['interrupted']}: checkpoint saved at step {summary['iter']} in "
+                     f"{self.t.out_dir}; continue with --init_from=resume "
+                     f"--out_dir={self.t.out_dir}")
+            return
+        plot_losses(self.metrics_path, Path(self.t.cfg.out_dir) / "loss.png")
+        if self.t.cfg.sample_tokens > 0:
+            self.say("sample from the trained model:")
+            print(sample_text(self.t), flush=True)
+
+
+def plot_losses(metrics: Path, out: Path) -> bool:
+    """loss.png from metrics.jsonl when matplotlib is installed (the [plot] extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["iter"] for r in rows], [r["train_loss"] for r in rows], label="train (step)")
+    val = [r for r in rows if r.get("val_loss") is not None]
+    ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=out.parent.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def sample_text(trainer) -> str:
+    """A short sample from the trained model, seeded by the run's seed."""
+    from .generate import Generator, SamplingConfig
+
+    cfg, tok = trainer.cfg, trainer.tokenizer
+    prompt = tok.encode(cfg.sample_prompt) or [tok.eot_id]
+    sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200,
+                              seed=cfg.seed)
+    ids = Generator(trainer.model, vocab_limit=tok.vocab_size).generate(prompt, 1, sampling)[0]
+    return tok.decode(prompt + ids)
+
+

@@ -1,0 +1,313 @@
+"""The training loop: optimiser, schedule, evaluation, checkpoints, faults. Nothing GPT-specific
+beyond building the model lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .batches import Batches, open_corpus
+from .config import TrainConfig
+from .device import autocast, peak_flops, resolve_device, resolve_dtype
+from .distributed import (
+    DistContext, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model,
+)
+from .errors import MiniGPT2Error
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer, get_tokenizer
+
+EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate of step it: linear warmup from 0, then cosine or linear decay to min_lr."""
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    if cfg.decay == "constant" or decay_iters <= cfg.warmup_iters:
+        return cfg.learning_rate
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
+    shape = 0.5 * (1 + math.cos(math.pi * ratio)) if cfg.decay == "cosine" else 1 - ratio
+    return cfg.min_lr + shape * (cfg.learning_rate - cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[str]]:
+    """AdamW groups: decay on weight matrices only, none on biases, LayerNorms or embeddings.
+    Also returns the parameter names in optimizer order (checkpoints key state by name)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # a tied parameter is listed once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append((name, p))
+    groups = [
+        {"params": [p for _, p in decay], "weight_decay": weight_decay},
+        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
+    ]
+    return groups, [n for n, _ in decay + no_decay]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW (or Adam), fused where the device supports it."""
+    groups, names = param_groups(model, cfg.weight_decay if cfg.optimizer == "adamw" else 0.0)
+    fused = device.type in ("cuda", "cpu")
+    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    opt = kind(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
+    return opt, names
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
+    """A fresh model (scratch) or released weights to fine-tune; resume is handled by Trainer."""
+    if cfg.init_from == "scratch":
+        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+        vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+        shape = dict(vocab_size=vocab, block_size=cfg.block_size, dropout=cfg.dropout,
+                     bias=cfg.bias, attn_impl=cfg.attn_impl, **sizes)
+        if cfg.model:
+            return GPT(GPTConfig.preset(cfg.model, **shape))
+        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
+        if missing:
+            raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
+        return GPT(GPTConfig(**shape))
+    from .pretrained import load_pretrained
+
+    model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    model.config.attn_impl = cfg.attn_impl
+    return model
+
+
+class Interrupted:
+    """Turns SIGINT and SIGTERM into a flag checked between steps (then: checkpoint, exit)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> Interrupted:
+        with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Owns one run: data, model, optimiser, and the state a checkpoint captures."""
+
+    def __init__(self, cfg: TrainConfig, resume_header: dict | None = None,
+                 resume_tensors: dict | None = None) -> None:
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = resolve_device(cfg.device)
+        self.dist, self.device = init_distributed(device, cfg.dist_timeout)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        self.tokenizer = get_tokenizer(cfg.tokenizer)
+        world = self.dist.world_size
+        if cfg.gradient_accumulation_steps % world:
+            raise MiniGPT2Error(
+                f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not split "
+                f"over {world} processes; make it a multiple of {world} (the global batch is "
+                "batch_size x gradient_accumulation_steps whatever the number of processes)")
+        self.micro_steps = cfg.gradient_accumulation_steps // world
+        self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
+        data = open_corpus(cfg.data, self.tokenizer, cache_dir=cfg.data_cache or None,
+                           val_fraction=cfg.val_fraction, hf_split=cfg.hf_split,
+                           text_column=cfg.text_column, progress=self.dist.is_main)
+        torch.manual_seed(cfg.seed)
+        if resume_header is not None:
+            self.model = GPT(GPTConfig.from_dict(resume_header["model_config"]))
+            ckpt.load_model_tensors(self.model, resume_tensors)
+        else:
+            self.model = build_model(cfg, self.tokenizer)
+        mc = self.model.config
+        if self.tokenizer.vocab_size > mc.vocab_size:
+            raise MiniGPT2Error(f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size}"
+                                f" ids but the model only {mc.vocab_size}; use its tokenizer")
+        self.block_size = mc.block_size
+        self.batches = {
+            "train": Batches(data.train, mc.block_size, cfg.seed, 0, "train"),
+            **{s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
+               for s, n in EVAL_STREAMS.items()},
+        }
+        self.model.to(self.device)
+        self.optimizer, self.param_names = build_optimizer(self.model, cfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
+        self.iter, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
+        if resume_header is not None:
+            self._restore(resume_header, resume_tensors)
+        self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+        self.out_dir = Path(cfg.out_dir)
+
+    def _restore(self, header: dict, tensors: dict) -> None:
+        ckpt.load_optimizer_tensors(self.optimizer, self.param_names, tensors,
+                                    header["optimizer_groups"])
+        if header.get("scaler"):
+            self.scaler.load_state_dict(header["scaler"])
+        ckpt.restore_rng(tensors)
+        self.iter, self.best_val = header["iter"], header["best_val_loss"]
+        self.elapsed_before = header.get("elapsed", 0.0)
+
+    def header(self) -> dict:
+        """Everything but tensors that a checkpoint needs to resume or to sample."""
+        groups = [{k: v for k, v in g.items() if k != "params"}
+                  for g in self.optimizer.state_dict()["param_groups"]]
+        return {
+            "iter": self.iter, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
+            "model_config": self.model.config.to_dict(), "train_config": vars(self.cfg),
+            "tokenizer": self.tokenizer.name, "tokenizer_hash": self.tokenizer.fingerprint,
+            "tokenizer_spec": self.cfg.tokenizer, "optimizer_groups": groups,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+        }
+
+    def elapsed(self) -> float:
+        """Training seconds so far, across resumes."""
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def save(self, path_name: str = ckpt.LATEST, weights_only: bool = False) -> None:
+        """Checkpoint (main process only); FSDP gathers full weights first."""
+        model_state = ckpt.model_tensors(self.model) if not self.cfg.fsdp else self._fsdp_state()
+        if not self.dist.is_main:
+            return
+        tensors = dict(model_state)
+        if not weights_only:
+            tensors |= ckpt.optimizer_tensors(self.optimizer, self.param_names)
+            tensors |= ckpt.rng_tensors()
+        ckpt.save_checkpoint(self.out_dir / path_name, tensors, self.header())
+
+    def _fsdp_state(self) -> dict:
+        from .distributed import fsdp_full_state
+
+        return fsdp_full_state(self.net)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        self.net.eval()
+        out = {}
+        for split in EVAL_STREAMS:
+            losses = torch.zeros(self.cfg.eval_iters, device=self.device)
+            for k in range(self.cfg.eval_iters):
+                x, y = self._batch(split, k, 0)
+                with autocast(self.device, self.dtype):
+                    losses[k] = self.net(x, y)[1]
+            out[split] = mean_across_ranks(losses.mean(), self.dist).item()
+        self.net.train()
+        return out
+
+    def _batch(self, split: str, step: int, micro: int):
+        """This rank's micro-batch `micro` of the step's global batch."""
+        j = micro * self.dist.world_size + self.dist.rank
+        return self.batches[split].get(step, self.global_batch, j * self.cfg.batch_size,
+                                       self.cfg.batch_size, self.device)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over the global batch; returns the mean loss (a tensor)."""
+        lr = lr_at(self.iter, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.micro_steps):
+            x, y = self._batch("train", self.iter, micro)
+            last = micro == self.micro_steps - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            with sync:
+                with autocast(self.device, self.dtype):
+                    loss = self.net(x, y)[1] / self.micro_steps
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.iter += 1
+        return total
+
+    def run(self) -> dict:
+        """Train to max_iters (or evaluate only); returns a summary."""
+        from .report import Reporter
+
+        self.t_start = time.perf_counter()
+        try:
+            if self.cfg.eval_only:
+                losses = self.evaluate()
+                return {"eval_only": True, **self._losses(losses)}
+            reporter = Reporter(self)
+            with Interrupted() as interrupted:
+                summary = self._loop(reporter, interrupted)
+            reporter.finish(summary)
+            return summary
+        finally:
+            shutdown(self.dist)
+
+    @staticmethod
+    def _losses(losses: dict) -> dict:
+        return {"train_loss": losses["train"], "val_loss": losses["val"],
+                "val_ppl": math.exp(min(losses["val"], 50.0))}
+
+    def _loop(self, reporter, interrupted: Interrupted) -> dict:
+        cfg = self.cfg
+        last_eval: dict = {}
+        while self.iter < cfg.max_iters:
+            loss = self.train_step()
+            at_end = self.iter == cfg.max_iters
+            evaluate = self.iter % cfg.eval_interval == 0 or at_end
+            save = self.iter % cfg.checkpoint_interval == 0 or at_end
+            log = self.iter % cfg.log_interval == 0 or evaluate
+            # Reading the loss syncs a GPU, so there it is read only where it matters: before
+            # logging and before every checkpoint, so that a non-finite model is never saved.
+            if log or save or interrupted.signal is not None or self.device.type == "cpu":
+                value = mean_across_ranks(loss, self.dist).item()
+                if not math.isfinite(value):
+                    raise MiniGPT2Error(
+                        f"loss became {value} at step {self.iter}; stopped, the last good "
+                        f"checkpoint in {self.out_dir} is kept (lower learning_rate, or set "
+                        "grad_clip)")
+            if log:
+                last_eval = self._losses(self.evaluate()) if evaluate else {}
+                reporter.log(self.iter, value, lr_at(self.iter - 1, cfg), last_eval)
+                if last_eval and last_eval["val_loss"] < self.best_val:
+                    self.best_val = last_eval["val_loss"]
+                    self.save(ckpt.BEST, weights_only=True)
+            reporter.step()
+            if save:
+                self.save()
+            if interrupted.signal is not None:
+                self.save()
+                barrier(self.dist)
+                name = signal.Signals(interrupted.signal).name
+                return {"interrupted": name, "iter": self.iter, **last_eval}
+        return {"iter": self.iter, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
+                **last_eval}
+
+
+def resume_state(cfg: TrainConfig) -> tuple[dict, dict]:
+    """Tensors and header of out_dir's latest checkpoint, for init_from=resume."""
+    tensors, header = ckpt.load_checkpoint(Path(cfg.out_dir) / ckpt.LATEST)
+    return tensors, header
+
+
+def print_summary(summary: dict) -> None:
+    """One JSON line with the run's result, for scripts."""
+    print(json.dumps(summary), file=sys.stdout)

@@ -1,0 +1,234 @@
+"""Corpus preparation, its cache, the batch sampler and every bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import GPT2_TIKTOKEN
+
+from minigpt2 import MiniGPT2Error
+from minigpt2.batches import Batches, load_prepared, open_corpus
+from minigpt2.data import prepare
+from minigpt2.tokenizer import get_tokenizer
+
+BYTE = get_tokenizer("byte")
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_prepare_file_counts_and_split(tmp_path):
+    src = write(tmp_path / "a.txt", "hello world\n" * 100)  # 1200 bytes, one document
+    out = prepare(str(src), BYTE, cache_dir=tmp_path / "cache", progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["total_tokens"] == 1201 and meta["documents"] == 1
+    assert meta["val_tokens"] == 120 and meta["train_tokens"] == 1081
+    data = load_prepared(out, BYTE)
+    assert bytes(data.train.window(0, 12).tolist()) == b"hello world\n"
+    assert data.val.window(len(data.val) - 1, 1).tolist() == [256]  # ends with end-of-text
+    assert data.train.window(0, 1).dtype == np.uint16
+
+
+def test_directory_documents_are_separated_by_eot(tmp_path):
+    write(tmp_path / "docs" / "b.txt", "beta")
+    write(tmp_path / "docs" / "a.txt", "alpha")
+    write(tmp_path / "docs" / ".hidden", "never")
+    out = prepare(
+        str(tmp_path / "docs"), BYTE, cache_dir=tmp_path / "c", val_fraction=0.2, progress=False
+    )
+    data = load_prepared(out)
+    tokens = np.concatenate(
+        [data.train.window(0, len(data.train)), data.val.window(0, len(data.val))]
+    )
+    assert tokens.tolist() == list(b"alpha") + [256] + list(b"beta") + [256]
+
+
+@pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
+def test_gpt2_preparation_equals_plain_encoding_across_chunks(tmp_path, monkeypatch):
+    import minigpt2.data as data_mod
+
+    monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)  # force many chunk boundaries
+    text = "".join(f"Line {i}: the  quick brown fox\n\n  indented {i}\n" for i in range(200))
+    src = write(tmp_path / "t.txt", text)
+    tok = get_tokenizer(str(GPT2_TIKTOKEN))
+    data = load_prepared(prepare(str(src), tok, cache_dir=tmp_path / "c", progress=False), tok)
+    got = np.concatenate([data.train.window(0, len(data.train)), data.val.window(0, len(data.val))])
+    assert got.tolist() == tok.encode(text) + [50256]
+
+
+def test_shards_and_window_across_boundary(tmp_path):
+    src = write(tmp_path / "a.txt", "".join(chr(97 + i % 26) for i in range(1000)))
+    out = prepare(str(src), BYTE, cache_dir=tmp_path / "c", shard_tokens=64, progress=False)
+    data = load_prepared(out)
+    assert len(data.train.shards) == 16
+    assert bytes(data.train.window(60, 8).tolist()) == src.read_bytes()[60:68]
+
+
+def test_cache_reused_and_invalidated(tmp_path):
+    src = write(tmp_path / "a.txt", "first version " * 50)
+    cache = tmp_path / "c"
+    a = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    mtime = (a / "meta.json").stat().st_mtime_ns
+    assert prepare(str(src), BYTE, cache_dir=cache, progress=False) == a
+    assert (a / "meta.json").stat().st_mtime_ns == mtime  # not rewritten
+    write(src, "second version " * 50)
+    b = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    assert b != a
+    c = prepare(str(src), BYTE, cache_dir=cache, val_fraction=0.2, progress=False)
+    assert c != b
+    if GPT2_TIKTOKEN.is_file():
+        tok = get_tokenizer(str(GPT2_TIKTOKEN))
+        assert prepare(str(src), tok, cache_dir=cache, progress=False) not in (a, b, c)
+
+
+def test_killed_preparation_is_never_taken_as_finished(tmp_path):
+    src = write(tmp_path / "a.txt", "some text " * 1000)
+    cache = tmp_path / "c"
+    out = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    # simulate a writer killed midway: the partial directory exists, meta.json does not
+    os.rename(out, out.with_name(out.name + ".partial-999999"))
+    again = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    assert again == out and (out / "meta.json").is_file()
+    assert not list(cache.glob("*.partial-*"))  # the dead writer's leftovers are cleaned up
+
+
+def test_failed_preparation_leaves_nothing(tmp_path):
+    write(tmp_path / "d" / "a.txt", "good text")
+    (tmp_path / "d" / "b.bin").write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(MiniGPT2Error, match=r"b.bin: not valid UTF-8 \(byte 0\).*replace"):
+        prepare(str(tmp_path / "d"), BYTE, cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").iterdir())
+    out = prepare(
+        str(tmp_path / "d"), BYTE, cache_dir=tmp_path / "c", decode_errors="replace", progress=False
+    )
+    assert load_prepared(out).meta["documents"] == 2
+
+
+def test_sampler_is_deterministic_and_rank_slices_form_the_global_batch(tmp_path):
+    src = write(tmp_path / "a.txt", "".join(chr(32 + i % 90) for i in range(5000)))
+    data = load_prepared(prepare(str(src), BYTE, cache_dir=tmp_path / "c", progress=False))
+    a, b = Batches(data.train, 16, seed=7), Batches(data.train, 16, seed=7)
+    x1, y1 = a.get(step=3, global_count=8)
+    x2, y2 = b.get(step=3, global_count=8)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert torch.equal(x1[:, 1:], y1[:, :-1]) and x1.shape == (8, 16)
+    assert not torch.equal(x1, a.get(step=4, global_count=8)[0])
+    assert not torch.equal(x1, Batches(data.train, 16, seed=8).get(3, 8)[0])
+    halves = [a.get(3, 8, start=s, count=4)[0] for s in (0, 4)]  # two ranks
+    assert torch.equal(torch.cat(halves), x1)
+
+
+def test_open_corpus_accepts_a_prepared_directory(tmp_path):
+    src = write(tmp_path / "a.txt", "x" * 500)
+    out = prepare(str(src), BYTE, cache_dir=tmp_path / "c", progress=False)
+    assert open_corpus(str(out), BYTE).directory == out
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("missing.txt", "data source 'missing.txt' not found"),
+        ("nomatch/*.txt", "no files match"),
+        ("hf:", "needs a dataset name"),
+    ],
+)
+def test_bad_sources(tmp_path, spec, message):
+    os.chdir(tmp_path)
+    with pytest.raises(MiniGPT2Error, match=message):
+        prepare(spec, BYTE, cache_dir=tmp_path / "c", progress=False)
+
+
+def test_empty_corpus_and_too_short_corpus(tmp_path):
+    write(tmp_path / "empty.txt", "")
+    with pytest.raises(MiniGPT2Error, match="is empty"):
+        prepare(str(tmp_path / "empty.txt"), BYTE, cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").iterdir())
+    write(tmp_path / "short.txt", "tiny corpus" * 3)
+    data = load_prepared(
+        prepare(str(tmp_path / "short.txt"), BYTE, cache_dir=tmp_path / "c", progress=False)
+    )
+    with pytest.raises(MiniGPT2Error, match="validation split holds 3 tokens, fewer than"):
+        Batches(data.val, 64, seed=0, name="validation")
+
+
+@pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
+def test_shards_of_another_tokenizer_are_refused(tmp_path):
+    out = prepare(
+        str(write(tmp_path / "a.txt", "text " * 100)),
+        BYTE,
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    with pytest.raises(MiniGPT2Error, match="tokenised with 'byte' but the run asks for 'gpt2'"):
+        load_prepared(out, get_tokenizer(str(GPT2_TIKTOKEN)))
+
+
+def test_truncated_shard_is_refused(tmp_path):
+    out = prepare(
+        str(write(tmp_path / "a.txt", "text " * 100)),
+        BYTE,
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    shard = out / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(MiniGPT2Error, match="missing or truncated"):
+        load_prepared(out)
+
+
+def test_bad_val_fraction(tmp_path):
+    with pytest.raises(MiniGPT2Error, match="val_fraction=1.5"):
+        prepare(str(write(tmp_path / "a.txt", "x")), BYTE, val_fraction=1.5, progress=False)
+
+
+def test_hf_dataset_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(MiniGPT2Error, match="cannot read dataset 'hf:no-such/dataset'"):
+        prepare("hf:no-such/dataset", BYTE, cache_dir=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").iterdir())
+
+
+def run_data_cli(*args, cwd):
+    env = {**os.environ, "MINIGPT2_DATA_CACHE": str(cwd / "cache")}
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt2.data", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_prepare_and_errors(tmp_path):
+    write(tmp_path / "a.txt", "hello " * 200)
+    ok = run_data_cli("prepare", "a.txt", "--tokenizer", "byte", cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert "1,081 train and 120 validation tokens" in ok.stdout
+    bad = run_data_cli("prepare", "nope.txt", "--tokenizer", "byte", cwd=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: data source 'nope.txt' not found; pass a "
+        "text file, a directory, a glob, stdlib or "
+        "hf:NAME[:CONFIG]"
+    ]
+    bad = run_data_cli("prepare", "a.txt", "--tokenizer", "wordpiece", cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown tokenizer 'wordpiece'" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+def test_stdlib_source_resolves():
+    from minigpt2.data import resolve_source
+
+    src = resolve_source("stdlib")
+    assert len(src.files) > 300 and all(f.suffix == ".py" for f in src.files)
+    assert not [f for f in src.files if "site-packages" in f.parts]
