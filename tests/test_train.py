@@ -12,7 +12,9 @@ from minigpt2.cli import train_main
 from minigpt2.config import TrainConfig, parse_args
 from minigpt2.trainer import Trainer, lr_at, param_groups
 
-CORPUS = "".join(f"line {i}: the cat sat on the mat, and the dog ran after it.\n" for i in range(400))
+CORPUS = "".join(
+    f"line {i}: the cat sat on the mat, and the dog ran after it.\n" for i in range(400)
+)
 
 
 def settings(tmp_path, **overrides) -> list[str]:
@@ -21,11 +23,27 @@ def settings(tmp_path, **overrides) -> list[str]:
     if not corpus.exists():
         corpus.write_text(CORPUS)
     base = dict(
-        data=str(corpus), data_cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "out"),
-        tokenizer="byte", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=4,
-        max_iters=6, eval_interval=3, eval_iters=2, log_interval=1, checkpoint_interval=3,
-        warmup_iters=2, learning_rate=3e-3, sample_tokens=0, progress=False, device="cpu",
-        dropout=0.1, model="",
+        data=str(corpus),
+        data_cache=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "out"),
+        tokenizer="byte",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=32,
+        batch_size=4,
+        max_iters=6,
+        eval_interval=3,
+        eval_iters=2,
+        log_interval=1,
+        checkpoint_interval=3,
+        warmup_iters=2,
+        learning_rate=3e-3,
+        sample_tokens=0,
+        progress=False,
+        device="cpu",
+        dropout=0.1,
+        model="",
     )
     base.update(overrides)
     return [f"--{k}={v}" for k, v in base.items()]
@@ -41,16 +59,18 @@ def metrics(tmp_path):
 
 
 def test_lr_schedule_at_chosen_steps():
-    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110,
-                      max_iters=200)
+    cfg = TrainConfig(
+        learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, lr_decay_iters=110, max_iters=200
+    )
     assert lr_at(0, cfg) == pytest.approx(1e-3 / 11)
     assert lr_at(9, cfg) == pytest.approx(1e-3 * 10 / 11)
     assert lr_at(10, cfg) == pytest.approx(1e-3)
     assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way: cosine at 0.5
     assert lr_at(35, cfg) == pytest.approx(1e-4 + 0.5 * (1 + math.cos(math.pi / 4)) * 9e-4)
     assert lr_at(110, cfg) == pytest.approx(1e-4) and lr_at(150, cfg) == pytest.approx(1e-4)
-    linear = TrainConfig(learning_rate=1e-3, min_lr=1e-5, warmup_iters=0, max_iters=100,
-                         decay="linear")
+    linear = TrainConfig(
+        learning_rate=1e-3, min_lr=1e-5, warmup_iters=0, max_iters=100, decay="linear"
+    )
     assert lr_at(25, linear) == pytest.approx(1e-3 - 0.25 * (1e-3 - 1e-5))
     assert lr_at(50, TrainConfig(decay="constant", warmup_iters=0)) == 1e-3
 
@@ -62,16 +82,20 @@ def test_weight_decay_only_on_matrices():
     groups, names = param_groups(model, 0.1)
     decayed = {n for n, p in model.named_parameters() if any(p is q for q in groups[0]["params"])}
     assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
-    assert decayed == {f"transformer.h.{i}.{m}.weight" for i in range(2)
-                       for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert decayed == {
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert "transformer.wte.weight" in names and "transformer.wpe.weight" in names
     assert len(names) == len(list(model.parameters()))  # tied head listed once
 
 
 def test_gradient_accumulation_equals_larger_batch(tmp_path):
     a = Trainer(parse_args(settings(tmp_path, batch_size=8, dropout=0.0)))
-    b = Trainer(parse_args(settings(tmp_path, batch_size=4, gradient_accumulation_steps=2,
-                                    dropout=0.0)))
+    b = Trainer(
+        parse_args(settings(tmp_path, batch_size=4, gradient_accumulation_steps=2, dropout=0.0))
+    )
     la, lb = a.train_step(), b.train_step()
     assert la.item() == pytest.approx(lb.item(), abs=1e-6)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
@@ -103,7 +127,8 @@ def test_outputs_beside_the_checkpoints(tmp_path):
     assert train_main(settings(tmp_path, max_iters=4, eval_interval=2, sample_tokens=8)) == 0
     out = tmp_path / "out"
     assert {"ckpt.safetensors", "best.safetensors", "config.toml", "metrics.jsonl"} <= {
-        p.name for p in out.iterdir()}
+        p.name for p in out.iterdir()
+    }
     saved = parse_args([str(out / "config.toml")])
     assert saved.max_iters == 4 and saved.n_embd == 32
     rows = metrics(tmp_path)

@@ -81,11 +81,15 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise MiniGPT2Error(f"checkpoint {path} is truncated or corrupt ({first})") from None
     if header.get("format_version") != FORMAT_VERSION:
-        raise MiniGPT2Error(f"checkpoint {path} has format {header.get('format_version')}, "
-                            f"this version reads {FORMAT_VERSION}")
+        raise MiniGPT2Error(
+            f"checkpoint {path} has format {header.get('format_version')}, "
+            f"this version reads {FORMAT_VERSION}"
+        )
     if _digest(tensors) != header.get("digest"):
-        raise MiniGPT2Error(f"checkpoint {path} is corrupt: its contents do not match the "
-                            "digest written with it; use another checkpoint")
+        raise MiniGPT2Error(
+            f"checkpoint {path} is corrupt: its contents do not match the "
+            "digest written with it; use another checkpoint"
+        )
     return tensors, header
 
 
@@ -117,13 +121,14 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dic
     return out
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict,
-                           param_groups: list[dict]) -> None:
+def load_optimizer_tensors(
+    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, param_groups: list[dict]
+) -> None:
     """Restore state written by optimizer_tensors, with the saved hyper-parameters."""
     state = {}
     for index, name in enumerate(names):
         prefix = f"optim.{name}."
-        entry = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if entry:
             state[index] = entry
     current = optimizer.state_dict()
@@ -149,8 +154,11 @@ def rng_tensors() -> dict[str, torch.Tensor]:
 def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     """Put the generators back as rng_tensors found them."""
     torch.set_rng_state(tensors["rng.torch_cpu"])
-    cuda = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count())
-            if f"rng.cuda.{i}" in tensors]
+    cuda = [
+        tensors[f"rng.cuda.{i}"]
+        for i in range(torch.cuda.device_count())
+        if f"rng.cuda.{i}" in tensors
+    ]
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
 

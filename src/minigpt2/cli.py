@@ -15,8 +15,10 @@ def train_main(argv: list[str], default_config: str | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         from .config import TrainConfig
 
-        print("usage: python train.py [CONFIG.toml] [--key=value ...]\nkeys and defaults:\n"
-              + TrainConfig().to_toml())
+        print(
+            "usage: python train.py [CONFIG.toml] [--key=value ...]\nkeys and defaults:\n"
+            + TrainConfig().to_toml()
+        )
         return 0
     settings = read_settings(argv, default_config)  # a CONFIG.toml given replaces the default
     cfg = from_settings({}, settings)
@@ -25,8 +27,10 @@ def train_main(argv: list[str], default_config: str | None = None) -> int:
         tensors, header = resume_state(cfg)
         cfg = from_settings(header["train_config"], {**settings, "init_from": "resume"})
         if header["iter"] >= cfg.max_iters and not cfg.eval_only:
-            raise MiniGPT2Error(f"the run in {cfg.out_dir} already reached step {header['iter']}"
-                                f"; raise max_iters to train further")
+            raise MiniGPT2Error(
+                f"the run in {cfg.out_dir} already reached step {header['iter']}"
+                f"; raise max_iters to train further"
+            )
     summary = Trainer(cfg, header, tensors).run()
     print_summary(summary)
     if "interrupted" in summary:
@@ -45,11 +49,18 @@ def _sample_parser():
     import argparse
 
     p = argparse.ArgumentParser(prog="sample.py", description="Generate text from a GPT-2.")
-    p.add_argument("--model", default="out/quickstart",
-                   help="a training out_dir, a checkpoint file, a released-layout directory, "
-                   "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (default: %(default)s)")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best",
-                   help="which checkpoint of an out_dir (best falls back to latest)")
+    p.add_argument(
+        "--model",
+        default="out/quickstart",
+        help="a training out_dir, a checkpoint file, a released-layout directory, "
+        "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (default: %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=("best", "latest"),
+        default="best",
+        help="which checkpoint of an out_dir (best falls back to latest)",
+    )
     p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
     p.add_argument("--prompt", default="", help="prompt text, or - to read standard input")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
@@ -84,33 +95,72 @@ def _read_prompt(args) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def load_for_sampling(spec: str, which: str, tokenizer_spec: str | None):
-    """(model, tokenizer) from an out_dir, a checkpoint file, a released dir or a preset."""
+def load_model(spec: str, which: str = "best"):
+    """(model, checkpoint header or None) from an out_dir, a checkpoint file, a released-layout
+    directory or a preset name."""
     from pathlib import Path
 
     from . import checkpoint as ckpt
-    from .tokenizer import get_tokenizer
+    from .pretrained import load_pretrained
 
     path = Path(spec).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         names = [ckpt.BEST, ckpt.LATEST] if which == "best" else [ckpt.LATEST]
         found = [path / n for n in names if (path / n).is_file()]
         if not found:
-            raise MiniGPT2Error(f"{path} holds no checkpoint ({' or '.join(names)}) and no "
-                                "config.json; pass a training out_dir or a model directory")
+            raise MiniGPT2Error(
+                f"{path} holds no checkpoint ({' or '.join(names)}) and no "
+                "config.json; pass a training out_dir or a model directory"
+            )
         path = found[0]
     if path.is_file():
-        model, header = ckpt.load_model(path)
-        saved = header.get("tokenizer_spec", header["tokenizer"])
-        usable = saved in ("byte", "gpt2") or Path(saved).is_file()
-        tokenizer = get_tokenizer(tokenizer_spec or (saved if usable else header["tokenizer"]))
-        if tokenizer_spec is None and tokenizer.fingerprint != header["tokenizer_hash"]:
-            raise MiniGPT2Error(f"{path} was trained with tokenizer {header['tokenizer']!r}; "
-                                "pass it with --tokenizer")
-        return model, tokenizer
-    from .pretrained import load_pretrained
+        return ckpt.load_model(path)
+    return load_pretrained(spec), None
 
-    return load_pretrained(spec), get_tokenizer(tokenizer_spec or "gpt2")
+
+def tokenizer_for(header: dict | None, override: str | None):
+    """The tokenizer a checkpoint was trained with (or override; gpt2 for released weights)."""
+    from pathlib import Path
+
+    from .tokenizer import get_tokenizer
+
+    if override or header is None:
+        return get_tokenizer(override or "gpt2")
+    saved = header.get("tokenizer_spec", header["tokenizer"])
+    usable = saved in ("byte", "gpt2") or Path(saved).is_file()
+    tokenizer = get_tokenizer(saved if usable else header["tokenizer"])
+    if tokenizer.fingerprint != header["tokenizer_hash"]:
+        raise MiniGPT2Error(
+            f"the checkpoint was trained with tokenizer {header['tokenizer']!r}"
+            "; pass it with --tokenizer"
+        )
+    return tokenizer
+
+
+def export_main(argv: list[str]) -> int:
+    """`python -m minigpt2.pretrained export SOURCE DEST`: write the released GPT-2 layout."""
+    import argparse
+
+    from .pretrained import save_pretrained
+
+    p = argparse.ArgumentParser(
+        prog="python -m minigpt2.pretrained export",
+        description="Export a model to config.json + model.safetensors",
+    )
+    p.add_argument("command", choices=["export"])
+    p.add_argument("source", help="a training out_dir, a checkpoint file or a model directory")
+    p.add_argument("dest", help="directory to write (created if needed)")
+    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
+    args = p.parse_args(argv)
+    model, header = load_model(args.source, args.checkpoint)
+    eot = None
+    if header is not None:
+        eot = {"byte": 256, "gpt2": 50256}.get(header["tokenizer"])
+    save_pretrained(model, args.dest, eot_id=eot)
+    print(
+        f"wrote {args.dest}/config.json and model.safetensors ({model.num_params():,} parameters)"
+    )
+    return 0
 
 
 def sample_main(argv: list[str]) -> int:
@@ -129,23 +179,34 @@ def sample_main(argv: list[str]) -> int:
     dtype = resolve_dtype(args.dtype, device)
     if args.num_samples < 1:
         raise MiniGPT2Error(f"--num-samples={args.num_samples} must be at least 1")
-    model, tok = load_for_sampling(args.model, args.checkpoint, args.tokenizer)
+    model, header = load_model(args.model, args.checkpoint)
+    tok = tokenizer_for(header, args.tokenizer)
     text = _read_prompt(args)
     prompt = tok.encode(text) or [tok.eot_id]
     if args.max_new_tokens is None and args.max_length is not None:
         if args.max_length <= len(prompt):
-            raise MiniGPT2Error(f"--max-length={args.max_length} is not above the prompt's "
-                                f"{len(prompt)} tokens")
+            raise MiniGPT2Error(
+                f"--max-length={args.max_length} is not above the prompt's {len(prompt)} tokens"
+            )
         args.max_new_tokens = args.max_length - len(prompt)
     block = model.config.block_size
     if len(prompt) > block:
-        warnings.warn(f"prompt of {len(prompt)} tokens is longer than the context ({block}); "
-                      f"keeping its last {block}", stacklevel=1)
+        warnings.warn(
+            f"prompt of {len(prompt)} tokens is longer than the context ({block}); "
+            f"keeping its last {block}",
+            stacklevel=1,
+        )
         prompt = prompt[-block:]
     cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens or 100, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        greedy=args.greedy, stop_at_eot=args.stop_at_eot, eot_id=tok.eot_id, seed=args.seed,
+        max_new_tokens=args.max_new_tokens or 100,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        greedy=args.greedy,
+        stop_at_eot=args.stop_at_eot,
+        eot_id=tok.eot_id,
+        seed=args.seed,
     ).check()
     model.to(device=device, dtype=dtype)
     gen = Generator(model, vocab_limit=tok.vocab_size)
@@ -171,13 +232,24 @@ def sample_main(argv: list[str]) -> int:
     for i, row in enumerate(rows if not streaming else []):
         body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
         if args.json:
-            print(json.dumps({"prompt": text, "text": body, "token_ids": row,
-                              "finish_reason": stats.finish[i]}, ensure_ascii=False))
+            print(
+                json.dumps(
+                    {
+                        "prompt": text,
+                        "text": body,
+                        "token_ids": row,
+                        "finish_reason": stats.finish[i],
+                    },
+                    ensure_ascii=False,
+                )
+            )
         else:
             print(f"{'-' * 20} sample {i + 1}\n{text}{body}")
-    print(f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens} x "
-          f"{args.num_samples}, {stats.seconds:.2f} s, {stats.tokens_per_sec:.1f} tokens/s",
-          file=sys.stderr)
+    print(
+        f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens} x "
+        f"{args.num_samples}, {stats.seconds:.2f} s, {stats.tokens_per_sec:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 

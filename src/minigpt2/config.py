@@ -71,13 +71,27 @@ class TrainConfig:
 
     def check(self) -> TrainConfig:
         """Reject values that are of the right type but make no sense."""
-        choices = {"optimizer": ("adamw", "adam"), "decay": ("cosine", "linear", "constant"),
-                   "dtype": ("float32", "bfloat16", "float16"), "attn_impl": ("sdpa", "math")}
+        choices = {
+            "optimizer": ("adamw", "adam"),
+            "decay": ("cosine", "linear", "constant"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "attn_impl": ("sdpa", "math"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise MiniGPT2Error(f"{key}={getattr(self, key)!r}; use one of {', '.join(allowed)}")
-        positive = ("batch_size", "gradient_accumulation_steps", "block_size", "eval_iters",
-                    "eval_interval", "log_interval", "checkpoint_interval", "vocab_multiple")
+                raise MiniGPT2Error(
+                    f"{key}={getattr(self, key)!r}; use one of {', '.join(allowed)}"
+                )
+        positive = (
+            "batch_size",
+            "gradient_accumulation_steps",
+            "block_size",
+            "eval_iters",
+            "eval_interval",
+            "log_interval",
+            "checkpoint_interval",
+            "vocab_multiple",
+        )
         for key in positive:
             if getattr(self, key) < 1:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must be at least 1")
@@ -169,8 +183,9 @@ def read_settings(argv: list[str], default_file: str | None = None) -> dict:
     while i < len(rest):
         arg = rest[i]
         if not arg.startswith("--"):
-            raise MiniGPT2Error(f"unexpected argument {arg!r}; use --key=value (keys: "
-                                f"{_valid_keys()})")
+            raise MiniGPT2Error(
+                f"unexpected argument {arg!r}; use --key=value (keys: {_valid_keys()})"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
         elif i + 1 < len(rest) and not rest[i + 1].startswith("--"):

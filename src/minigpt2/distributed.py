@@ -43,13 +43,16 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise MiniGPT2Error(f"local rank {local_rank} has no GPU: only "
-                                f"{torch.cuda.device_count()} here; lower --nproc_per_node")
+            raise MiniGPT2Error(
+                f"local rank {local_rank} has no GPU: only "
+                f"{torch.cuda.device_count()} here; lower --nproc_per_node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+        backend=backend,
+        timeout=datetime.timedelta(seconds=timeout_s),
         **({"device_id": device} if device.type == "cuda" else {}),
     )
     return DistContext(rank, local_rank, world), device
@@ -65,8 +68,12 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, f
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         from torch.distributed.fsdp import ShardingStrategy
 
-        return FSDP(model, sharding_strategy=ShardingStrategy.FULL_SHARD,
-                    device_id=device if device.type == "cuda" else None, use_orig_params=True)
+        return FSDP(
+            model,
+            sharding_strategy=ShardingStrategy.FULL_SHARD,
+            device_id=device if device.type == "cuda" else None,
+            use_orig_params=True,
+        )
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -52,8 +52,9 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor
     logits = logits.float()
     if cfg.repetition_penalty != 1.0 and seen is not None:
         picked = logits.gather(1, seen)
-        picked = torch.where(picked > 0, picked / cfg.repetition_penalty,
-                             picked * cfg.repetition_penalty)
+        picked = torch.where(
+            picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty
+        )
         logits = logits.scatter(1, seen, picked)
     if cfg.is_greedy:
         return logits
@@ -75,7 +76,9 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list) -> 
     if cfg.is_greedy:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
-    return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
+    return torch.cat(
+        [torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)]
+    )
 
 
 @dataclass
@@ -101,8 +104,10 @@ class Generator:
         wte = self.model.transformer.wte.weight
         vocab = vocab_limit or wte.shape[0]
         if vocab > wte.shape[0]:
-            raise MiniGPT2Error(f"the tokenizer has {vocab} ids but the model only "
-                                f"{wte.shape[0]}: they do not belong together")
+            raise MiniGPT2Error(
+                f"the tokenizer has {vocab} ids but the model only "
+                f"{wte.shape[0]}: they do not belong together"
+            )
         # Decoding reads the whole head each token; stored (C, V) contiguous, the
         # matrix-vector product streams it about 1.6x faster than F.linear's (V, C) layout
         # (measured on these CPUs; see BENCHMARKS.md). Padded ids past vocab are never scored.
@@ -113,9 +118,14 @@ class Generator:
         return self.model.hidden_states(idx, cache)[:, -1, :] @ self.head_t
 
     @torch.inference_mode()
-    def stream(self, prompt: list[int], num_samples: int, cfg: SamplingConfig,
-               use_cache: bool = True, stats: GenerationStats | None = None
-               ) -> Iterator[torch.Tensor]:
+    def stream(
+        self,
+        prompt: list[int],
+        num_samples: int,
+        cfg: SamplingConfig,
+        use_cache: bool = True,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[torch.Tensor]:
         """Yield the next token of every sample, (num_samples,), step by step."""
         cfg.check()
         block = self.model.config.block_size
@@ -126,8 +136,11 @@ class Generator:
         gens = [torch.Generator(device=device) for _ in range(num_samples)]
         for i, g in enumerate(gens):
             g.manual_seed((cfg.seed if cfg.seed is not None else torch.seed()) + i)
-        cache = (KVCache(self.model.config, num_samples, block, device, self.head_t.dtype)
-                 if use_cache else None)
+        cache = (
+            KVCache(self.model.config, num_samples, block, device, self.head_t.dtype)
+            if use_cache
+            else None
+        )
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = len(prompt), ["length"] * num_samples
         done = torch.zeros(num_samples, dtype=torch.bool, device=device)
@@ -151,8 +164,9 @@ class Generator:
                     break
         stats.seconds = time.perf_counter() - t0
 
-    def generate(self, prompt: list[int], num_samples: int, cfg: SamplingConfig,
-                 use_cache: bool = True) -> list[list[int]]:
+    def generate(
+        self, prompt: list[int], num_samples: int, cfg: SamplingConfig, use_cache: bool = True
+    ) -> list[list[int]]:
         """New token ids of each sample (cut after end-of-text when stop_at_eot)."""
         steps = list(self.stream(prompt, num_samples, cfg, use_cache))
         out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]

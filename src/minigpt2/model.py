@@ -119,16 +119,26 @@ class CausalSelfAttention(nn.Module):
             k = cache.kv[layer, 0, :, :, : past + T]  # (B, nh, past+T, hs)
             v = cache.kv[layer, 1, :, :, : past + T]
         dropout = self.dropout if self.training else 0.0
-        if self.attn_impl == "sdpa":
-            if past == 0:
-                y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-            else:
-                mask = None if T == 1 else _causal_mask(T, past, x.device)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        if q.device.type == "cpu" and q.dtype is torch.bfloat16 and torch.is_grad_enabled():
+            # torch's CPU flash-attention backward is ~8x slower in bfloat16 than in float32
+            # (measured: 4.6 ms vs 0.54 ms per call at B=12, T=64, C=128); attention is a
+            # small share of the FLOPs, so it runs in float32 and the matmuls stay bfloat16.
+            with torch.autocast("cpu", enabled=False):
+                y = self._attend(q.float(), k.float(), v.float(), past, dropout).to(q.dtype)
         else:
-            y = _masked_softmax_attention(q, k, v, past, dropout, self.training)
+            y = self._attend(q, k, v, past, dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join heads: (B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+    def _attend(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
+        """(B, nh, T, hs) outputs of q attending over k, v with the causal mask."""
+        T = q.shape[2]
+        if self.attn_impl == "sdpa":
+            if past == 0:
+                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            mask = None if T == 1 else _causal_mask(T, past, q.device)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        return _masked_softmax_attention(q, k, v, past, dropout, self.training)
 
 
 def _causal_mask(T: int, past: int, device) -> torch.Tensor:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from .checkpoint import write_atomic
 from .errors import MiniGPT2Error
 from .model import GPT, GPTConfig
 
@@ -176,8 +176,9 @@ def released_state(model: GPT) -> dict[str, torch.Tensor]:
     return out
 
 
-def hf_config(config: GPTConfig) -> dict:
+def hf_config(config: GPTConfig, eot_id: int | None = None) -> dict:
     """config.json contents that transformers' GPT2Config reads back into the same shape."""
+    eot = eot_id if eot_id is not None else min(50256, config.vocab_size - 1)
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -196,13 +197,13 @@ def hf_config(config: GPTConfig) -> dict:
         "initializer_range": 0.02,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "bos_token_id": 50256,
-        "eos_token_id": 50256,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "torch_dtype": "float32",
     }
 
 
-def save_pretrained(model: GPT, out_dir: str | os.PathLike) -> None:
+def save_pretrained(model: GPT, out_dir: str | os.PathLike, eot_id: int | None = None) -> None:
     """Write config.json and model.safetensors, each to a temporary file renamed into place."""
     from safetensors.torch import save_file
 
@@ -215,16 +216,17 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike) -> None:
     except OSError as e:
         raise MiniGPT2Error(f"cannot create export directory {out}: {e.strerror}") from None
     weights = released_state(model)
-    config_text = json.dumps(hf_config(model.config), indent=2) + "\n"
-    for name, write in (
-        ("model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"})),
-        (_CONFIG_FILE, lambda p: Path(p).write_text(config_text)),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, out / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    config_text = json.dumps(hf_config(model.config, eot_id), indent=2) + "\n"
+    write_atomic(
+        out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"})
+    )
+    write_atomic(out / _CONFIG_FILE, lambda p: Path(p).write_text(config_text))
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import export_main
+    from .errors import run_cli
+
+    sys.exit(run_cli(export_main))

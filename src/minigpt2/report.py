@@ -34,8 +34,9 @@ class Reporter:
         self.active = trainer.dist.is_main
         cfg = trainer.cfg
         self.tokens_per_step = trainer.global_batch * trainer.block_size
-        self.flops_per_step = trainer.model.flops_per_token(trainer.block_size) * \
-            self.tokens_per_step
+        self.flops_per_step = (
+            trainer.model.flops_per_token(trainer.block_size) * self.tokens_per_step
+        )
         self.peak = peak_flops(trainer.device, trainer.dtype) if self.active else None
         self.mark = (trainer.iter, time.perf_counter())
         self.bar = None
@@ -46,11 +47,19 @@ class Reporter:
         write_atomic(out / "config.toml", lambda tmp: Path(tmp).write_text(cfg.to_toml()))
         self.metrics_path = out / METRICS
         _trim_metrics(self.metrics_path, trainer.iter)
-        self.bar = tqdm(total=cfg.max_iters, initial=trainer.iter, disable=not cfg.progress,
-                        file=sys.stderr, dynamic_ncols=True, desc="train")
-        self.say(f"model: {trainer.model.num_params():,} parameters, {trainer.device}, "
-                 f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
-                 f"tokens ({trainer.dist.world_size} process(es))")
+        self.bar = tqdm(
+            total=cfg.max_iters,
+            initial=trainer.iter,
+            disable=not cfg.progress,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            desc="train",
+        )
+        self.say(
+            f"model: {trainer.model.num_params():,} parameters, {trainer.device}, "
+            f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
+            f"tokens ({trainer.dist.world_size} process(es))"
+        )
 
     def say(self, text: str) -> None:
         """A line that does not break the progress bar."""
@@ -69,19 +78,31 @@ class Reporter:
         tps = steps * self.tokens_per_step / seconds if seconds > 0 and steps else 0.0
         mfu = steps * self.flops_per_step / seconds / self.peak if self.peak and tps else None
         if self.active:
-            row = {"iter": it, "train_loss": loss, "val_loss": evals.get("val_loss"), "lr": lr,
-                   "tokens_per_sec": round(tps, 1), "elapsed": round(self.t.elapsed(), 3),
-                   "mfu": round(mfu, 4) if mfu is not None else None}
+            row = {
+                "iter": it,
+                "train_loss": loss,
+                "val_loss": evals.get("val_loss"),
+                "lr": lr,
+                "tokens_per_sec": round(tps, 1),
+                "elapsed": round(self.t.elapsed(), 3),
+                "mfu": round(mfu, 4) if mfu is not None else None,
+            }
             if evals:
                 row |= {"eval_train_loss": evals["train_loss"], "val_ppl": evals["val_ppl"]}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                                     mfu=f"{mfu:.1%}" if mfu is not None else "n/a")
+                self.bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{lr:.2e}",
+                    tok_s=f"{tps:,.0f}",
+                    mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
+                )
             if evals:
-                self.say(f"step {it}: train {evals['train_loss']:.4f}, val "
-                         f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})")
+                self.say(
+                    f"step {it}: train {evals['train_loss']:.4f}, val "
+                    f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})"
+                )
         self.mark = (it, time.perf_counter())
 
     def finish(self, summary: dict) -> None:
@@ -91,9 +112,11 @@ class Reporter:
         if self.bar is not None:
             self.bar.close()
         if "interrupted" in summary:
-            self.say(f"{summary['interrupted']}: checkpoint saved at step {summary['iter']} in "
-                     f"{self.t.out_dir}; continue with --init_from=resume "
-                     f"--out_dir={self.t.out_dir}")
+            self.say(
+                f"{summary['interrupted']}: checkpoint saved at step {summary['iter']} in "
+                f"{self.t.out_dir}; continue with --init_from=resume "
+                f"--out_dir={self.t.out_dir}"
+            )
             return
         plot_losses(self.metrics_path, Path(self.t.cfg.out_dir) / "loss.png")
         if self.t.cfg.sample_tokens > 0:
@@ -130,9 +153,8 @@ def sample_text(trainer) -> str:
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     prompt = tok.encode(cfg.sample_prompt) or [tok.eot_id]
-    sampling = SamplingConfig(max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200,
-                              seed=cfg.seed)
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed
+    )
     ids = Generator(trainer.model, vocab_limit=tok.vocab_size).generate(prompt, 1, sampling)[0]
     return tok.decode(prompt + ids)
-
-

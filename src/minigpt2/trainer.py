@@ -16,9 +16,13 @@ import torch
 from . import checkpoint as ckpt
 from .batches import Batches, open_corpus
 from .config import TrainConfig
-from .device import autocast, peak_flops, resolve_device, resolve_dtype
+from .device import autocast, resolve_device, resolve_dtype
 from .distributed import (
-    DistContext, barrier, init_distributed, mean_across_ranks, shutdown, wrap_model,
+    barrier,
+    init_distributed,
+    mean_across_ranks,
+    shutdown,
+    wrap_model,
 )
 from .errors import MiniGPT2Error
 from .model import GPT, GPTConfig
@@ -70,8 +74,14 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     if cfg.init_from == "scratch":
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        shape = dict(vocab_size=vocab, block_size=cfg.block_size, dropout=cfg.dropout,
-                     bias=cfg.bias, attn_impl=cfg.attn_impl, **sizes)
+        shape = dict(
+            vocab_size=vocab,
+            block_size=cfg.block_size,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            attn_impl=cfg.attn_impl,
+            **sizes,
+        )
         if cfg.model:
             return GPT(GPTConfig.preset(cfg.model, **shape))
         missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
@@ -111,8 +121,12 @@ class Interrupted:
 class Trainer:
     """Owns one run: data, model, optimiser, and the state a checkpoint captures."""
 
-    def __init__(self, cfg: TrainConfig, resume_header: dict | None = None,
-                 resume_tensors: dict | None = None) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        resume_header: dict | None = None,
+        resume_tensors: dict | None = None,
+    ) -> None:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -125,12 +139,24 @@ class Trainer:
             raise MiniGPT2Error(
                 f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} does not split "
                 f"over {world} processes; make it a multiple of {world} (the global batch is "
-                "batch_size x gradient_accumulation_steps whatever the number of processes)")
+                "batch_size x gradient_accumulation_steps whatever the number of processes)"
+            )
         self.micro_steps = cfg.gradient_accumulation_steps // world
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
-        data = open_corpus(cfg.data, self.tokenizer, cache_dir=cfg.data_cache or None,
-                           val_fraction=cfg.val_fraction, hf_split=cfg.hf_split,
-                           text_column=cfg.text_column, progress=self.dist.is_main)
+        if not cfg.data:
+            raise MiniGPT2Error(
+                "no training data: pass --data=PATH (a text file, a directory, "
+                "a glob, stdlib, hf:NAME[:CONFIG] or a prepared directory)"
+            )
+        data = open_corpus(
+            cfg.data,
+            self.tokenizer,
+            cache_dir=cfg.data_cache or None,
+            val_fraction=cfg.val_fraction,
+            hf_split=cfg.hf_split,
+            text_column=cfg.text_column,
+            progress=self.dist.is_main,
+        )
         torch.manual_seed(cfg.seed)
         if resume_header is not None:
             self.model = GPT(GPTConfig.from_dict(resume_header["model_config"]))
@@ -139,13 +165,17 @@ class Trainer:
             self.model = build_model(cfg, self.tokenizer)
         mc = self.model.config
         if self.tokenizer.vocab_size > mc.vocab_size:
-            raise MiniGPT2Error(f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size}"
-                                f" ids but the model only {mc.vocab_size}; use its tokenizer")
+            raise MiniGPT2Error(
+                f"tokenizer {self.tokenizer.name!r} has {self.tokenizer.vocab_size}"
+                f" ids but the model only {mc.vocab_size}; use its tokenizer"
+            )
         self.block_size = mc.block_size
         self.batches = {
             "train": Batches(data.train, mc.block_size, cfg.seed, 0, "train"),
-            **{s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
-               for s, n in EVAL_STREAMS.items()},
+            **{
+                s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
+                for s, n in EVAL_STREAMS.items()
+            },
         }
         self.model.to(self.device)
         self.optimizer, self.param_names = build_optimizer(self.model, cfg, self.device)
@@ -159,8 +189,9 @@ class Trainer:
         self.out_dir = Path(cfg.out_dir)
 
     def _restore(self, header: dict, tensors: dict) -> None:
-        ckpt.load_optimizer_tensors(self.optimizer, self.param_names, tensors,
-                                    header["optimizer_groups"])
+        ckpt.load_optimizer_tensors(
+            self.optimizer, self.param_names, tensors, header["optimizer_groups"]
+        )
         if header.get("scaler"):
             self.scaler.load_state_dict(header["scaler"])
         ckpt.restore_rng(tensors)
@@ -169,13 +200,20 @@ class Trainer:
 
     def header(self) -> dict:
         """Everything but tensors that a checkpoint needs to resume or to sample."""
-        groups = [{k: v for k, v in g.items() if k != "params"}
-                  for g in self.optimizer.state_dict()["param_groups"]]
+        groups = [
+            {k: v for k, v in g.items() if k != "params"}
+            for g in self.optimizer.state_dict()["param_groups"]
+        ]
         return {
-            "iter": self.iter, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
-            "model_config": self.model.config.to_dict(), "train_config": vars(self.cfg),
-            "tokenizer": self.tokenizer.name, "tokenizer_hash": self.tokenizer.fingerprint,
-            "tokenizer_spec": self.cfg.tokenizer, "optimizer_groups": groups,
+            "iter": self.iter,
+            "best_val_loss": self.best_val,
+            "elapsed": self.elapsed(),
+            "model_config": self.model.config.to_dict(),
+            "train_config": vars(self.cfg),
+            "tokenizer": self.tokenizer.name,
+            "tokenizer_hash": self.tokenizer.fingerprint,
+            "tokenizer_spec": self.cfg.tokenizer,
+            "optimizer_groups": groups,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
@@ -217,8 +255,9 @@ class Trainer:
     def _batch(self, split: str, step: int, micro: int):
         """This rank's micro-batch `micro` of the step's global batch."""
         j = micro * self.dist.world_size + self.dist.rank
-        return self.batches[split].get(step, self.global_batch, j * self.cfg.batch_size,
-                                       self.cfg.batch_size, self.device)
+        return self.batches[split].get(
+            step, self.global_batch, j * self.cfg.batch_size, self.cfg.batch_size, self.device
+        )
 
     def train_step(self) -> torch.Tensor:
         """One optimizer step over the global batch; returns the mean loss (a tensor)."""
@@ -263,8 +302,11 @@ class Trainer:
 
     @staticmethod
     def _losses(losses: dict) -> dict:
-        return {"train_loss": losses["train"], "val_loss": losses["val"],
-                "val_ppl": math.exp(min(losses["val"], 50.0))}
+        return {
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "val_ppl": math.exp(min(losses["val"], 50.0)),
+        }
 
     def _loop(self, reporter, interrupted: Interrupted) -> dict:
         cfg = self.cfg
@@ -283,7 +325,8 @@ class Trainer:
                     raise MiniGPT2Error(
                         f"loss became {value} at step {self.iter}; stopped, the last good "
                         f"checkpoint in {self.out_dir} is kept (lower learning_rate, or set "
-                        "grad_clip)")
+                        "grad_clip)"
+                    )
             if log:
                 last_eval = self._losses(self.evaluate()) if evaluate else {}
                 reporter.log(self.iter, value, lr_at(self.iter - 1, cfg), last_eval)
@@ -298,8 +341,12 @@ class Trainer:
                 barrier(self.dist)
                 name = signal.Signals(interrupted.signal).name
                 return {"interrupted": name, "iter": self.iter, **last_eval}
-        return {"iter": self.iter, "best_val_loss": self.best_val, "elapsed": self.elapsed(),
-                **last_eval}
+        return {
+            "iter": self.iter,
+            "best_val_loss": self.best_val,
+            "elapsed": self.elapsed(),
+            **last_eval,
+        }
 
 
 def resume_state(cfg: TrainConfig) -> tuple[dict, dict]:

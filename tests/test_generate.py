@@ -1,0 +1,273 @@
+"""Generation: parity with transformers, cache vs no cache, sampling filters, the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, write_hf_checkpoint
+
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error
+from minigpt2.generate import Generator, SamplingConfig, process_logits
+
+
+def tiny_model(vocab=101, block=24, seed=0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=vocab, block_size=block))
+
+
+def test_greedy_matches_transformers_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    directory = write_hf_checkpoint(
+        tmp_path / "hf", n_layer=2, n_head=4, n_embd=64, vocab_size=500, n_positions=64
+    )
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    prompt = [5, 17, 300, 42, 9]
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=40,
+        min_new_tokens=40,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    gen = Generator(GPT.from_pretrained(directory))
+    assert gen.generate(prompt, 1, SamplingConfig(max_new_tokens=40, greedy=True))[0] == ref
+    assert gen.generate(prompt, 1, SamplingConfig(max_new_tokens=40, temperature=0))[0] == ref
+
+
+def test_cached_and_uncached_give_identical_tokens():
+    gen = Generator(tiny_model())
+    cfg = SamplingConfig(max_new_tokens=40, top_k=20, seed=3)  # runs past block_size=24
+    prompt = [1, 2, 3, 4, 5, 6]
+    assert gen.generate(prompt, 2, cfg) == gen.generate(prompt, 2, cfg, use_cache=False)
+    greedy = SamplingConfig(max_new_tokens=40, greedy=True)
+    assert gen.generate(prompt, 1, greedy) == gen.generate(prompt, 1, greedy, use_cache=False)
+
+
+def test_context_overflow_slides_the_window():
+    model = tiny_model(block=8)
+    gen = Generator(model)
+    prompt = list(range(1, 12))  # longer than the context: its last 8 tokens are kept
+    out = gen.generate(prompt, 1, SamplingConfig(max_new_tokens=5, greedy=True))[0]
+    seq = prompt[-8:]
+    for _ in range(5):  # reference: full forward over the last 8 tokens, argmax
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq[-8:]]))[0, -1].argmax()))
+    assert out == seq[-5:]
+
+
+def test_fixed_seed_reproduces_and_batch_equals_one_by_one():
+    gen = Generator(tiny_model())
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=11)
+    batch = gen.generate([3, 4], 3, cfg)
+    assert batch == gen.generate([3, 4], 3, cfg)
+    for i in range(3):
+        single = SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=11 + i)
+        assert gen.generate([3, 4], 1, single)[0] == batch[i]
+    assert len({tuple(r) for r in batch}) > 1
+
+
+def test_top_k_top_p_temperature_on_hand_made_logits():
+    logits = torch.log(torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+    top2 = process_logits(logits, SamplingConfig(top_k=2))
+    assert torch.isinf(top2[0, 2:]).all() and torch.isfinite(top2[0, :2]).all()
+    # nucleus: 0.5 + 0.2 = 0.7 < 0.8, so 0.15 is needed too; 0.1 and 0.05 are dropped
+    nucleus = process_logits(logits, SamplingConfig(top_p=0.8))
+    assert torch.isfinite(nucleus[0, :3]).all() and torch.isinf(nucleus[0, 3:]).all()
+    assert torch.isfinite(process_logits(logits, SamplingConfig(top_p=0.5))[0]).sum() == 1
+    hot = process_logits(logits, SamplingConfig(temperature=2.0)).softmax(-1)
+    expected = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).sqrt()
+    assert torch.allclose(hot, expected / expected.sum(), atol=1e-6)
+    penalised = process_logits(
+        torch.tensor([[2.0, -2.0, 1.0]]),
+        SamplingConfig(repetition_penalty=2.0, greedy=True),
+        torch.tensor([[0, 1]]),
+    )
+    assert penalised.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_top_p_matches_transformers_warper():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    ref = transformers.TopPLogitsWarper(0.7)(None, logits.clone())
+    ours = process_logits(logits, SamplingConfig(top_p=0.7))
+    assert torch.equal(torch.isinf(ref), torch.isinf(ours))
+
+
+def test_sampled_tokens_respect_the_filters():
+    gen = Generator(tiny_model())
+    for seed in range(5):
+        out = gen.generate([7], 1, SamplingConfig(max_new_tokens=5, top_k=1, seed=seed))[0]
+        assert out == gen.generate([7], 1, SamplingConfig(max_new_tokens=5, greedy=True))[0]
+
+
+def test_padded_vocabulary_never_emits_unknown_ids():
+    model = tiny_model(vocab=128)
+    with torch.no_grad():
+        model.transformer.wte.weight[100:] = 5.0  # make the padding ids the most likely
+    gen = Generator(model, vocab_limit=100)
+    out = gen.generate([1, 2], 2, SamplingConfig(max_new_tokens=30, seed=0))
+    assert max(max(r) for r in out) < 100
+    with pytest.raises(MiniGPT2Error, match="tokenizer has 200 ids but the model only 128"):
+        Generator(model, vocab_limit=200)
+
+
+def test_stop_at_eot():
+    model = tiny_model()
+    with torch.no_grad():  # make token 50 the certain next token after any input
+        model.transformer.wte.weight[50] = 1.0
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[50])
+    gen = Generator(model)
+    cfg = SamplingConfig(max_new_tokens=20, greedy=True, stop_at_eot=True, eot_id=50)
+    assert gen.generate([1, 2], 2, cfg) == [[50], [50]]
+    cfg.stop_at_eot = False
+    assert gen.generate([1, 2], 1, cfg) == [[50] * 20]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature=-0.5 must be >= 0"),
+        (dict(top_p=0.0), "top_p=0.0 must be in"),
+        (dict(top_p=1.5), "top_p=1.5 must be in"),
+        (dict(top_k=-1), "top_k=-1 must be >= 0"),
+    ],
+)
+def test_bad_sampling_values(kwargs, message):
+    with pytest.raises(MiniGPT2Error, match=message):
+        SamplingConfig(**kwargs).check()
+
+
+def sample_cli(*args, cwd, stdin=None):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "sample.py"), *args],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+@pytest.fixture(scope="module")
+def byte_run(tmp_path_factory):
+    """A tiny trained out_dir with the byte tokenizer."""
+    from test_train import settings
+
+    from minigpt2.cli import train_main
+
+    tmp = tmp_path_factory.mktemp("run")
+    assert train_main(settings(tmp, max_iters=3, dropout=0.0)) == 0
+    return tmp / "out"
+
+
+def test_cli_streams_and_reproduces(byte_run, tmp_path):
+    a = sample_cli(
+        "--model",
+        str(byte_run),
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "5",
+        cwd=tmp_path,
+    )
+    assert a.returncode == 0, a.stderr
+    assert a.stdout.startswith("the cat")
+    assert "prompt tokens: 7, new tokens: 30" in a.stderr and "tokens/s" in a.stderr
+    b = sample_cli(
+        "--model",
+        str(byte_run),
+        "--prompt",
+        "-",
+        "--max-new-tokens",
+        "30",
+        "--seed",
+        "5",
+        cwd=tmp_path,
+        stdin="the cat",
+    )
+    assert b.stdout == a.stdout
+
+
+def test_cli_json_and_max_length(byte_run, tmp_path):
+    result = sample_cli(
+        "--model",
+        str(byte_run),
+        "--prompt",
+        "ab",
+        "--max-length",
+        "10",
+        "--num-samples",
+        "2",
+        "--json",
+        "--seed",
+        "1",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and all(len(r["token_ids"]) == 8 for r in rows)
+    assert rows[0]["finish_reason"] == "length" and rows[0]["prompt"] == "ab"
+
+
+def test_cli_released_layout_directory(tmp_path):
+    pytest.importorskip("transformers")
+    directory = write_hf_checkpoint(tmp_path / "hf", n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    result = sample_cli(
+        "--model",
+        str(directory),
+        "--tokenizer",
+        "byte",
+        "--prompt",
+        "hi",
+        "--greedy",
+        "--max-new-tokens",
+        "5",
+        "--json",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert len(json.loads(result.stdout)["token_ids"]) == 5
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--temperature", "-1"], "temperature=-1.0 must be >= 0"),
+        (["--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
+        (["--top-k", "-3"], "top_k=-3 must be >= 0"),
+        (["--max-length", "2", "--prompt", "hello"], "--max-length=2 is not above the prompt"),
+        (["--tokenizer", "gpt2.tiktoken"], "does not exist"),
+    ],
+)
+def test_cli_bad_input(byte_run, tmp_path, args, message):
+    result = sample_cli("--model", str(byte_run), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_missing_and_corrupt_model(byte_run, tmp_path):
+    missing = sample_cli("--model", str(tmp_path / "none"), cwd=tmp_path)
+    assert missing.returncode == 2 and "neither a directory nor a released model" in missing.stderr
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes((byte_run / "ckpt.safetensors").read_bytes()[:1000])
+    corrupt = sample_cli("--model", str(bad), cwd=tmp_path)
+    assert corrupt.returncode == 2 and "truncated or corrupt" in corrupt.stderr
+
+
+def test_cli_tokenizer_too_big_for_model(byte_run, tmp_path):
+    from conftest import GPT2_TIKTOKEN
+
+    if not GPT2_TIKTOKEN.is_file():
+        pytest.skip(f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
+    result = sample_cli("--model", str(byte_run), "--tokenizer", str(GPT2_TIKTOKEN), cwd=tmp_path)
+    assert (
+        result.returncode == 2 and "tokenizer has 50257 ids but the model only 257" in result.stderr
+    )
