@@ -77,9 +77,10 @@ def main() -> None:
         rates = {k: n / statistics.median(v) for k, v in times.items()}
         same = tokens["minigpt2"] == tokens["transformers"]
         name = str(dtype).removeprefix("torch.")
+        ratio = rates["minigpt2"] / rates["transformers"]
         print(
             f"{name}: minigpt2 {rates['minigpt2']:.1f} tok/s, transformers "
-            f"{rates['transformers']:.1f} tok/s, ratio {rates['minigpt2'] / rates['transformers']:.2f}x; "
+            f"{rates['transformers']:.1f} tok/s, ratio {ratio:.2f}x; "
             f"bandwidth bound {bound:.1f} tok/s (minigpt2 at {rates['minigpt2'] / bound:.0%}); "
             f"identical tokens: {same}"
         )

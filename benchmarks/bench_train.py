@@ -2,7 +2,7 @@
 fused AdamW) on the full gpt2 shape, float32 and bfloat16 autocast, side by side.
 
     python benchmarks/bench_train.py --data ../shared/data/tinyshakespeare.txt \
-        --tokenizer ../shared/tokenizers/gpt2.tiktoken [--steps 6] [--batch-size 4] [--block-size 256]
+        --tokenizer ../shared/tokenizers/gpt2.tiktoken [--steps 6] [--batch-size 4]
 """
 
 from __future__ import annotations
