@@ -38,7 +38,7 @@ def main() -> None:
     import transformers
 
     from minigpt2 import GPT
-    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.generate import Generator, SamplingConfig, layout_for_decoding
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def main() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         hf.to(dtype)
         ours.to(dtype)
-        gen = Generator(ours)
+        gen = Generator(layout_for_decoding(ours))
         bound = bw * 1e9 / (params * torch.finfo(dtype).bits / 8)
         times: dict[str, list[float]] = {"minigpt2": [], "transformers": []}
         tokens = {}

@@ -172,7 +172,7 @@ def sample_main(argv: list[str]) -> int:
     import torch
 
     from .device import resolve_device, resolve_dtype
-    from .generate import GenerationStats, Generator, SamplingConfig
+    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_decoding
 
     args = _sample_parser().parse_args(argv)
     device = resolve_device(args.device)
@@ -209,7 +209,7 @@ def sample_main(argv: list[str]) -> int:
         seed=args.seed,
     ).check()
     model.to(device=device, dtype=dtype)
-    gen = Generator(model, vocab_limit=tok.vocab_size)
+    gen = Generator(layout_for_decoding(model), vocab_limit=tok.vocab_size)
     if args.compile:
         gen.model = torch.compile(gen.model)
     stats = GenerationStats()

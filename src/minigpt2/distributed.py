@@ -88,10 +88,12 @@ def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return value / ctx.world_size
 
 
-def barrier(ctx: DistContext) -> None:
-    """Wait for every rank."""
-    if ctx.enabled:
-        dist.barrier()
+def lost_contact(error: BaseException) -> bool:
+    """Whether error is a collective failing because a peer died or timed out."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error).lower()
+    return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
 def shutdown(ctx: DistContext) -> None:

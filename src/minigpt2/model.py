@@ -86,7 +86,7 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype) -> None:
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, 2, batch, config.n_head, length, hd)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)  # only [:pos] is ever read
         self.pos = 0  # tokens already stored
 
     @property

@@ -18,8 +18,8 @@ from .batches import Batches, open_corpus
 from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_dtype
 from .distributed import (
-    barrier,
     init_distributed,
+    lost_contact,
     mean_across_ranks,
     shutdown,
     wrap_model,
@@ -239,16 +239,19 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over eval_iters fixed batches of each split (the same batches every time)."""
+        """Mean loss over eval_iters fixed batches of each split (the same batches every time,
+        whatever the number of processes: rank r takes batches r, r + world, ...)."""
         self.net.eval()
         out = {}
         for split in EVAL_STREAMS:
-            losses = torch.zeros(self.cfg.eval_iters, device=self.device)
-            for k in range(self.cfg.eval_iters):
-                x, y = self._batch(split, k, 0)
+            total = torch.zeros(2, device=self.device)  # (sum of batch losses, batches)
+            for k in range(self.dist.rank, self.cfg.eval_iters, self.dist.world_size):
+                x, y = self.batches[split].get(k, self.cfg.batch_size, device=self.device)
                 with autocast(self.device, self.dtype):
-                    losses[k] = self.net(x, y)[1]
-            out[split] = mean_across_ranks(losses.mean(), self.dist).item()
+                    total[0] += self.net(x, y)[1].float()
+                total[1] += 1
+            total = mean_across_ranks(total, self.dist)  # the ratio is what matters
+            out[split] = (total[0] / total[1]).item()
         self.net.train()
         return out
 
@@ -294,7 +297,16 @@ class Trainer:
                 return {"eval_only": True, **self._losses(losses)}
             reporter = Reporter(self)
             with Interrupted() as interrupted:
-                summary = self._loop(reporter, interrupted)
+                try:
+                    summary = self._loop(reporter, interrupted)
+                except RuntimeError as e:
+                    if not self.dist.enabled or not lost_contact(e):
+                        raise
+                    raise MiniGPT2Error(
+                        f"rank {self.dist.rank} lost contact with the other processes (one died "
+                        f"or hung past dist_timeout={self.cfg.dist_timeout:g}s); the last "
+                        f"checkpoint in {self.out_dir} is kept: resume with --init_from=resume"
+                    ) from None
             reporter.finish(summary)
             return summary
         finally:
@@ -338,7 +350,6 @@ class Trainer:
                 self.save()
             if interrupted.signal is not None:
                 self.save()
-                barrier(self.dist)
                 name = signal.Signals(interrupted.signal).name
                 return {"interrupted": name, "iter": self.iter, **last_eval}
         return {

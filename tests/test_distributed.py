@@ -1,0 +1,125 @@
+"""Several processes on the CPU with gloo over loopback: same numbers as one process, resume
+across world sizes, and a dead rank stops the run instead of hanging it."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import ROOT
+from safetensors.torch import load_file
+from test_train import settings
+
+from minigpt2.checkpoint import load_checkpoint
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(world: int, args: list[str], cwd) -> list[subprocess.Popen]:
+    """Start world ranks of train.py the way torchrun would (env://, loopback)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def finish(procs, timeout=90) -> list[tuple[int, str, str]]:
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        results.append((p.returncode, out, err))
+    return results
+
+
+def run_world(world: int, args: list[str], cwd) -> None:
+    for code, _, err in finish(launch(world, args, cwd)):
+        assert code == 0, err
+
+
+def model_weights(out_dir):
+    return {k: v for k, v in load_file(out_dir / "ckpt.safetensors").items()
+            if k.startswith("model.")}
+
+
+def losses(out_dir):
+    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
+
+
+def assert_same_run(a, b):
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=2e-6), k
+    (ta, va), (tb, vb) = losses(a), losses(b)
+    assert ta == pytest.approx(tb, abs=1e-5) and va == pytest.approx(vb, abs=1e-5)
+
+
+def tiny(tmp_path, name, **kw):
+    kw = {"batch_size": 2, "gradient_accumulation_steps": 2, "max_iters": 4, "dropout": 0.0,
+          "lr_decay_iters": 4, "eval_interval": 2, "checkpoint_interval": 2, "threads": 1, **kw}
+    args = settings(tmp_path, **kw)
+    return [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / name}"]
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    run_world(1, tiny(tmp_path, "one"), tmp_path)
+    torchrun = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(ROOT / "train.py"), *tiny(tmp_path, "two")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert "global batch 4 x 32 tokens (2 process(es))" in torchrun.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+
+
+def test_resume_across_world_sizes(tmp_path):
+    run_world(1, tiny(tmp_path, "full"), tmp_path)
+    run_world(2, tiny(tmp_path, "a", max_iters=2), tmp_path)  # two processes, then one
+    run_world(1, [f"--out_dir={tmp_path / 'a'}", "--init_from=resume", "--max_iters=4"], tmp_path)
+    assert_same_run(tmp_path / "full", tmp_path / "a")
+    run_world(1, tiny(tmp_path, "b", max_iters=2), tmp_path)  # one process, then two
+    run_world(2, [f"--out_dir={tmp_path / 'b'}", "--init_from=resume", "--max_iters=4"], tmp_path)
+    assert_same_run(tmp_path / "full", tmp_path / "b")
+
+
+def test_accumulation_that_does_not_split_is_refused(tmp_path):
+    results = finish(launch(2, tiny(tmp_path, "x", gradient_accumulation_steps=3), tmp_path))
+    for code, _, err in results:
+        assert code == 2
+        assert "gradient_accumulation_steps=3 does not split over 2 processes" in err
+
+
+def test_a_dead_rank_stops_the_run_and_keeps_the_checkpoint(tmp_path):
+    args = tiny(tmp_path, "run", max_iters=100000, lr_decay_iters=0, eval_interval=100000,
+                checkpoint_interval=2, dist_timeout=20)
+    procs = launch(2, args, tmp_path)
+    ckpt = tmp_path / "run" / "ckpt.safetensors"
+    deadline = time.time() + 60
+    while not ckpt.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert ckpt.exists()
+    procs[1].send_signal(signal.SIGKILL)
+    start = time.time()
+    code, _, err = finish(procs[:1], timeout=60)[0]
+    procs[1].communicate()
+    assert code == 2 and time.time() - start < 45
+    assert "lost contact with the other processes" in err and "Traceback" not in err
+    _, header = load_checkpoint(ckpt)  # still a good checkpoint
+    assert header["iter"] >= 2 and header["iter"] % 2 == 0
