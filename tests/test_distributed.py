@@ -29,12 +29,26 @@ def launch(world: int, args: list[str], cwd) -> list[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank),
-               "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world),
+            "LOCAL_WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "train.py"), *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -52,8 +66,9 @@ def run_world(world: int, args: list[str], cwd) -> None:
 
 
 def model_weights(out_dir):
-    return {k: v for k, v in load_file(out_dir / "ckpt.safetensors").items()
-            if k.startswith("model.")}
+    return {
+        k: v for k, v in load_file(out_dir / "ckpt.safetensors").items() if k.startswith("model.")
+    }
 
 
 def losses(out_dir):
@@ -71,8 +86,17 @@ def assert_same_run(a, b):
 
 
 def tiny(tmp_path, name, **kw):
-    kw = {"batch_size": 2, "gradient_accumulation_steps": 2, "max_iters": 4, "dropout": 0.0,
-          "lr_decay_iters": 4, "eval_interval": 2, "checkpoint_interval": 2, "threads": 1, **kw}
+    kw = {
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "max_iters": 4,
+        "dropout": 0.0,
+        "lr_decay_iters": 4,
+        "eval_interval": 2,
+        "checkpoint_interval": 2,
+        "threads": 1,
+        **kw,
+    }
     args = settings(tmp_path, **kw)
     return [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={tmp_path / name}"]
 
@@ -80,10 +104,21 @@ def tiny(tmp_path, name, **kw):
 def test_torchrun_two_processes_match_one(tmp_path):
     run_world(1, tiny(tmp_path, "one"), tmp_path)
     torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(ROOT / "train.py"), *tiny(tmp_path, "two")],
-        cwd=tmp_path, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train.py"),
+            *tiny(tmp_path, "two"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert torchrun.returncode == 0, torchrun.stderr
     assert "global batch 4 x 32 tokens (2 process(es))" in torchrun.stderr
     assert_same_run(tmp_path / "one", tmp_path / "two")
@@ -107,8 +142,15 @@ def test_accumulation_that_does_not_split_is_refused(tmp_path):
 
 
 def test_a_dead_rank_stops_the_run_and_keeps_the_checkpoint(tmp_path):
-    args = tiny(tmp_path, "run", max_iters=100000, lr_decay_iters=0, eval_interval=100000,
-                checkpoint_interval=2, dist_timeout=20)
+    args = tiny(
+        tmp_path,
+        "run",
+        max_iters=100000,
+        lr_decay_iters=0,
+        eval_interval=100000,
+        checkpoint_interval=2,
+        dist_timeout=20,
+    )
     procs = launch(2, args, tmp_path)
     ckpt = tmp_path / "run" / "ckpt.safetensors"
     deadline = time.time() + 60
@@ -123,3 +165,23 @@ def test_a_dead_rank_stops_the_run_and_keeps_the_checkpoint(tmp_path):
     assert "lost contact with the other processes" in err and "Traceback" not in err
     _, header = load_checkpoint(ckpt)  # still a good checkpoint
     assert header["iter"] >= 2 and header["iter"] % 2 == 0
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path):
+    run_world(1, tiny(tmp_path, "full"), tmp_path)
+    run_world(2, tiny(tmp_path, "sharded", fsdp="true"), tmp_path)
+    assert_same_run(tmp_path / "full", tmp_path / "sharded")
+    run_world(2, tiny(tmp_path, "half", fsdp="true", max_iters=2), tmp_path)
+    run_world(
+        1,
+        [f"--out_dir={tmp_path / 'half'}", "--init_from=resume", "--max_iters=4", "--fsdp=false"],
+        tmp_path,
+    )  # the same single-file checkpoint format
+    assert_same_run(tmp_path / "full", tmp_path / "half")
+    run_world(1, tiny(tmp_path, "plain", max_iters=2), tmp_path)  # and back into FSDP
+    run_world(
+        2,
+        [f"--out_dir={tmp_path / 'plain'}", "--init_from=resume", "--max_iters=4", "--fsdp=true"],
+        tmp_path,
+    )
+    assert_same_run(tmp_path / "full", tmp_path / "plain")

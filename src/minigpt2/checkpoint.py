@@ -111,35 +111,35 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor])
         raise MiniGPT2Error(f"checkpoint does not fit this model ({first})") from None
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
-    """Per-parameter optimizer state keyed by parameter name (so it survives re-sharding)."""
-    state = optimizer.state_dict()["state"]
-    out = {}
-    for index, name in enumerate(names):
-        for key, value in state.get(index, {}).items():
-            out[f"optim.{name}.{key}"] = torch.as_tensor(value)
-    return out
+def optimizer_tensors(state: dict[str, dict]) -> dict[str, torch.Tensor]:
+    """Optimizer state keyed by parameter name, {name: {key: value}}, as `optim.` tensors.
+    Names, not positions, so the state survives a change of sharding or world size."""
+    return {
+        f"optim.{name}.{key}": torch.as_tensor(value)
+        for name, entry in state.items()
+        for key, value in entry.items()
+    }
 
 
-def load_optimizer_tensors(
-    optimizer: torch.optim.Optimizer, names: list[str], tensors: dict, param_groups: list[dict]
-) -> None:
-    """Restore state written by optimizer_tensors, with the saved hyper-parameters."""
-    state = {}
-    for index, name in enumerate(names):
+def optimizer_state(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict]:
+    """The inverse of optimizer_tensors for the parameters in names."""
+    state: dict[str, dict] = {}
+    for name in names:
         prefix = f"optim.{name}."
         entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         if entry:
-            state[index] = entry
-    current = optimizer.state_dict()
-    if len(param_groups) != len(current["param_groups"]):
+            state[name] = entry
+    return state
+
+
+def merged_param_groups(saved: list[dict], current: list[dict]) -> list[dict]:
+    """Current param groups with the saved hyper-parameters (fused/foreach stay per device)."""
+    if len(saved) != len(current):
         raise MiniGPT2Error("checkpoint's optimizer has a different parameter grouping")
-    keep = ("lr", "initial_lr", "betas", "eps", "weight_decay")  # not fused/foreach: per device
-    groups = [
-        {**cur, **{k: saved[k] for k in keep if k in saved}}
-        for saved, cur in zip(param_groups, current["param_groups"], strict=True)
+    keep = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+    return [
+        {**cur, **{k: s[k] for k in keep if k in s}} for s, cur in zip(saved, current, strict=True)
     ]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:

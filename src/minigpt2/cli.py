@@ -20,8 +20,10 @@ def train_main(argv: list[str], default_config: str | None = None) -> int:
             + TrainConfig().to_toml()
         )
         return 0
-    settings = read_settings(argv, default_config)  # a CONFIG.toml given replaces the default
-    cfg = from_settings({}, settings)
+    settings = read_settings(argv)  # what this command line says, config file included
+    has_file = any(a.endswith(".toml") and not a.startswith("--") for a in argv)
+    defaults = read_settings([default_config]) if default_config and not has_file else {}
+    cfg = from_settings({}, {**defaults, **settings})
     tensors = header = None
     if cfg.init_from == "resume":
         tensors, header = resume_state(cfg)

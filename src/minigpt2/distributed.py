@@ -59,24 +59,52 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
 
 
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, fsdp: bool):
-    """DDP (or FSDP when asked) around model when a process group is up."""
+    """The module to train: model itself alone, DDP around it, or model sharded in place with
+    FSDP (one unit per block plus the root, which holds the tied embedding)."""
     if not ctx.enabled:
         if fsdp:
             raise MiniGPT2Error("fsdp=true needs several processes: launch with torchrun")
         return model
     if fsdp:
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp import fully_shard
 
-        return FSDP(
-            model,
-            sharding_strategy=ShardingStrategy.FULL_SHARD,
-            device_id=device if device.type == "cuda" else None,
-            use_orig_params=True,
-        )
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _full_options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def fsdp_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded weights, on rank 0's CPU (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
+
+
+def fsdp_optimizer_state(model, optimizer) -> dict[str, dict]:
+    """Unsharded optimizer state by parameter name, on rank 0 (a collective)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
+    return osd.get("state", {})
+
+
+def fsdp_load_optimizer_state(model, optimizer, state: dict, groups: list[dict]) -> None:
+    """Shard full optimizer state (every rank passes all of it) into optimizer."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    set_optimizer_state_dict(
+        model, optimizer, {"state": state, "param_groups": groups}, options=_full_options()
+    )
 
 
 def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

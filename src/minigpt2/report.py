@@ -119,7 +119,9 @@ class Reporter:
             )
             return
         plot_losses(self.metrics_path, Path(self.t.cfg.out_dir) / "loss.png")
-        if self.t.cfg.sample_tokens > 0:
+        if self.t.cfg.sample_tokens > 0 and self.t.fsdp:
+            self.say(f"(sharded model: sample with python sample.py --model {self.t.out_dir})")
+        elif self.t.cfg.sample_tokens > 0:
             self.say("sample from the trained model:")
             print(sample_text(self.t), flush=True)
 

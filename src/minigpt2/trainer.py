@@ -61,9 +61,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW (or Adam), fused where the device supports it."""
+    """AdamW (or Adam), fused where the device supports it (not over FSDP's sharded tensors)."""
     groups, names = param_groups(model, cfg.weight_decay if cfg.optimizer == "adamw" else 0.0)
-    fused = device.type in ("cuda", "cpu")
+    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
     kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
     opt = kind(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
     return opt, names
@@ -178,20 +178,33 @@ class Trainer:
             },
         }
         self.model.to(self.device)
+        self.fsdp = cfg.fsdp
+        self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
         self.optimizer, self.param_names = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.iter, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
         if resume_header is not None:
             self._restore(resume_header, resume_tensors)
-        self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.out_dir = Path(cfg.out_dir)
 
     def _restore(self, header: dict, tensors: dict) -> None:
-        ckpt.load_optimizer_tensors(
-            self.optimizer, self.param_names, tensors, header["optimizer_groups"]
+        state = ckpt.optimizer_state(tensors, self.param_names)
+        groups = ckpt.merged_param_groups(
+            header["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
         )
+        if self.fsdp:
+            from .distributed import fsdp_load_optimizer_state
+
+            for group in groups:  # the state-dict API names parameters, not positions
+                group["params"] = [self.param_names[i] for i in group["params"]]
+            fsdp_load_optimizer_state(self.model, self.optimizer, state, groups)
+        else:
+            index = {name: i for i, name in enumerate(self.param_names)}
+            self.optimizer.load_state_dict(
+                {"state": {index[n]: v for n, v in state.items()}, "param_groups": groups}
+            )
         if header.get("scaler"):
             self.scaler.load_state_dict(header["scaler"])
         ckpt.restore_rng(tensors)
@@ -222,20 +235,27 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
     def save(self, path_name: str = ckpt.LATEST, weights_only: bool = False) -> None:
-        """Checkpoint (main process only); FSDP gathers full weights first."""
-        model_state = ckpt.model_tensors(self.model) if not self.cfg.fsdp else self._fsdp_state()
+        """Write a checkpoint from the main process. Under FSDP every rank takes part in
+        gathering the full weights and optimizer state first."""
+        if self.fsdp:
+            from .distributed import fsdp_model_state, fsdp_optimizer_state
+
+            weights = {
+                f"model.{k}": v
+                for k, v in fsdp_model_state(self.model).items()
+                if k != "lm_head.weight"
+            }
+            state = fsdp_optimizer_state(self.model, self.optimizer) if not weights_only else {}
+        else:
+            weights = ckpt.model_tensors(self.model)
+            by_index = self.optimizer.state_dict()["state"] if not weights_only else {}
+            state = {self.param_names[i]: v for i, v in by_index.items()}
         if not self.dist.is_main:
             return
-        tensors = dict(model_state)
+        tensors = dict(weights)
         if not weights_only:
-            tensors |= ckpt.optimizer_tensors(self.optimizer, self.param_names)
-            tensors |= ckpt.rng_tensors()
+            tensors |= ckpt.optimizer_tensors(state) | ckpt.rng_tensors()
         ckpt.save_checkpoint(self.out_dir / path_name, tensors, self.header())
-
-    def _fsdp_state(self) -> dict:
-        from .distributed import fsdp_full_state
-
-        return fsdp_full_state(self.net)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -245,11 +265,16 @@ class Trainer:
         out = {}
         for split in EVAL_STREAMS:
             total = torch.zeros(2, device=self.device)  # (sum of batch losses, batches)
-            for k in range(self.dist.rank, self.cfg.eval_iters, self.dist.world_size):
-                x, y = self.batches[split].get(k, self.cfg.batch_size, device=self.device)
+            world = self.dist.world_size
+            rounds = -(-self.cfg.eval_iters // world)  # equal on every rank, as FSDP needs
+            for k in range(self.dist.rank, rounds * world, world):
+                real = k < self.cfg.eval_iters
+                x, y = self.batches[split].get(
+                    k if real else 0, self.cfg.batch_size, device=self.device
+                )
                 with autocast(self.device, self.dtype):
-                    total[0] += self.net(x, y)[1].float()
-                total[1] += 1
+                    loss = self.net(x, y)[1].float()
+                total += torch.stack([loss, torch.ones_like(loss)]) * real
             total = mean_across_ranks(total, self.dist)  # the ratio is what matters
             out[split] = (total[0] / total[1]).item()
         self.net.train()
@@ -271,7 +296,10 @@ class Trainer:
         for micro in range(self.micro_steps):
             x, y = self._batch("train", self.iter, micro)
             last = micro == self.micro_steps - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.net.no_sync()
+            if self.fsdp:  # FSDP: reduce-scatter gradients only on the last micro-step
+                self.model.set_requires_gradient_sync(last)
+            quiet = last or not self.dist.enabled or self.fsdp
+            sync = contextlib.nullcontext() if quiet else self.net.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
                     loss = self.net(x, y)[1] / self.micro_steps
