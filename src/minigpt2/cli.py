@@ -260,3 +260,39 @@ def main_sample() -> None:
     from .errors import run_cli
 
     sys.exit(run_cli(sample_main, sys.argv[1:]))
+
+
+def prepare_main(argv: list[str] | None = None) -> int:
+    """`python -m minigpt2.data prepare SOURCE ...`: prepare a corpus, print where it went."""
+    import argparse
+    import json
+
+    from .data import META, prepare
+    from .tokenizer import get_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m minigpt2.data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("prepare", help="tokenise a corpus into cached token shards")
+    p.add_argument("source", help="text file, directory, glob, stdlib or hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", default="gpt2", help="byte, gpt2 or path/to/gpt2.tiktoken")
+    p.add_argument("--out-dir", default=None, help="cache directory (default: %(default)s)")
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--decode-errors", choices=("strict", "replace"), default="strict")
+    p.add_argument("--hf-split", default="train")
+    p.add_argument("--text-column", default="text")
+    args = parser.parse_args(argv)
+    out = prepare(
+        args.source,
+        get_tokenizer(args.tokenizer),
+        cache_dir=args.out_dir,
+        val_fraction=args.val_fraction,
+        decode_errors=args.decode_errors,
+        hf_split=args.hf_split,
+        text_column=args.text_column,
+    )
+    meta = json.loads((out / META).read_text())
+    print(
+        f"{out}\n{meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
+        f"({meta['tokenizer']}, {meta['documents']:,} documents)"
+    )
+    return 0
