@@ -55,7 +55,10 @@ def test_gpt2_preparation_equals_plain_encoding_across_chunks(tmp_path, monkeypa
     import minigpt2.data as data_mod
 
     monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)  # force many chunk boundaries
-    text = "".join(f"Line {i}: the  quick brown fox\n\n  indented {i}\n" for i in range(200))
+    text = "".join(
+        f"Line {i}: the  quick brown fox\n\n  indented {i}\n    'continued {i}  '\n  ()"
+        for i in range(200)
+    )
     src = write(tmp_path / "t.txt", text)
     tok = get_tokenizer(str(GPT2_TIKTOKEN))
     data = load_prepared(prepare(str(src), tok, cache_dir=tmp_path / "c", progress=False), tok)

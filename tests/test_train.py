@@ -206,3 +206,20 @@ def test_compiled_model_checkpoints_without_prefix():
     fresh = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=8))
     load_model_tensors(torch.compile(fresh), tensors)
     assert torch.equal(fresh.transformer.wte.weight, model.transformer.wte.weight)
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path):
+    from conftest import GPT2_TIKTOKEN
+
+    if not GPT2_TIKTOKEN.is_file():
+        pytest.skip(f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
+    train_main(settings(tmp_path, max_iters=2))
+    with pytest.raises(MiniGPT2Error, match="trained with tokenizer 'byte', not 'gpt2'"):
+        train_main(
+            [
+                f"--out_dir={tmp_path / 'out'}",
+                "--init_from=resume",
+                "--max_iters=4",
+                f"--tokenizer={GPT2_TIKTOKEN}",
+            ]
+        )

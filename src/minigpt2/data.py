@@ -15,6 +15,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import sysconfig
@@ -25,11 +26,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MiniGPT2Error
-from .tokenizer import ByteTokenizer, Tokenizer
+from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 META = "meta.json"
-CHUNK_CHARS = 1 << 20  # texts are tokenised in pieces of about this many characters
+CHUNK_CHARS = 1 << 18  # texts are tokenised in pieces of about this many characters
 BATCH_CHARS = 16 << 20  # characters handed to one batch-encode call (bounds memory)
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
 
@@ -66,8 +67,11 @@ def resolve_source(spec: str, hf_split: str = "train", text_column: str = "text"
         return Source(spec, [], (name, config or None), hf_split, text_column)
     if spec == "stdlib":
         root = Path(sysconfig.get_paths()["stdlib"])
-        skip = {"site-packages", "test", "tests", "__pycache__"}
-        files = [f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts)]
+        skip = {"site-packages", "dist-packages", "test", "tests", "__pycache__"}
+        files = []
+        for folder, subdirs, names in os.walk(root):
+            subdirs[:] = [d for d in subdirs if d not in skip]  # never descend into them
+            files += [Path(folder) / n for n in names if n.endswith(".py")]
         return Source(f"stdlib ({root})", sorted(files))
     if any(c in spec for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(spec, recursive=True)) if Path(p).is_file()]
@@ -92,14 +96,16 @@ def resolve_source(spec: str, hf_split: str = "train", text_column: str = "text"
     )
 
 
+_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+
+
 def _split_point(text: str, limit: int) -> int:
-    """An index <= limit after a newline followed by non-space: cutting there leaves GPT-2's
-    pre-tokenisation (and so its tokens) unchanged. Falls back to limit."""
-    pos = limit
-    while (pos := text.rfind("\n", 0, pos)) > 0:
-        if pos + 1 < len(text) and not text[pos + 1].isspace():
-            return pos + 1
-    return limit
+    """An index <= limit just before a lone space or newline between two non-space characters.
+    GPT-2's pre-tokenizer starts a new piece there anyway, so cutting there leaves the tokens
+    unchanged (a cut inside a word or a whitespace run would not). Falls back to limit."""
+    window = max(0, limit - (1 << 16))
+    cuts = [m.start() for m in _SAFE_CUT.finditer(text, window, limit)]
+    return cuts[-1] if cuts and cuts[-1] > 0 else limit
 
 
 def _file_documents(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
@@ -187,13 +193,8 @@ class _ShardWriter:
 def _encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> np.ndarray:
     """One token array for a batch of pieces, end-of-text after each finished document."""
     eot = np.array([tokenizer.eot_id], dtype=np.uint32)
-    texts = [t for t, _ in pieces]
-    if isinstance(tokenizer, ByteTokenizer):
-        encoded = [tokenizer.encode_array(t) for t in texts]
-    else:
-        encoded = [np.asarray(ids, dtype=np.uint32) for ids in tokenizer.encode_batch(texts)]
     out = []
-    for ids, (_, ends) in zip(encoded, pieces, strict=True):
+    for ids, (_, ends) in zip(tokenizer.encode_arrays([t for t, _ in pieces]), pieces, strict=True):
         out.append(ids)
         if ends:
             out.append(eot)

@@ -37,6 +37,10 @@ class Tokenizer:
         """encode() over many texts, using every core where the tokenizer can."""
         return [self.encode(t) for t in texts]
 
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """encode_batch() as numpy arrays (what corpus preparation writes)."""
+        return [np.asarray(ids, dtype=np.uint32) for ids in self.encode_batch(texts)]
+
     def decode_bytes(self, ids: list[int]) -> bytes:
         """The raw bytes of ids (may end inside a multi-byte character)."""
         raise NotImplementedError
@@ -61,9 +65,8 @@ class ByteTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """encode() straight to a uint16 array, without a Python list (fast for corpora)."""
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.uint16) for t in texts]
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return bytes(i for i in ids if i < 256)
@@ -79,12 +82,26 @@ class TiktokenGPT2(Tokenizer):
 
     def __init__(self, encoding) -> None:
         self.encoding = encoding
+        self._pool = None  # encoding threads, kept: each warms up its own regex state
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count() or 1)
+
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        # tiktoken's Rust core releases the GIL, so threads use every core; encode_to_numpy
+        # skips building a Python list per token. disallowed_special=() with no allowed
+        # special tokens encodes a literal <|endoftext|> as text, like encode_ordinary.
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(text: str) -> np.ndarray:
+            return self.encoding.encode_to_numpy(text, disallowed_special=())
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="tiktoken")
+        return list(self._pool.map(one, texts))
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         return self.encoding.decode_bytes([i for i in ids if i < self.vocab_size])

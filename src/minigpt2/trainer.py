@@ -159,6 +159,11 @@ class Trainer:
         )
         torch.manual_seed(cfg.seed)
         if resume_header is not None:
+            if resume_header["tokenizer_hash"] != self.tokenizer.fingerprint:
+                raise MiniGPT2Error(
+                    f"the run in {cfg.out_dir} was trained with tokenizer "
+                    f"{resume_header['tokenizer']!r}, not {self.tokenizer.name!r}"
+                )
             self.model = GPT(GPTConfig.from_dict(resume_header["model_config"]))
             ckpt.load_model_tensors(self.model, resume_tensors)
         else:
