@@ -271,3 +271,23 @@ def test_cli_tokenizer_too_big_for_model(byte_run, tmp_path):
     assert (
         result.returncode == 2 and "tokenizer has 50257 ids but the model only 257" in result.stderr
     )
+
+
+def test_cli_prompt_longer_than_context_keeps_its_end(byte_run, tmp_path):
+    result = sample_cli(
+        "--model",
+        str(byte_run),
+        "--prompt",
+        "x" * 40,
+        "--max-new-tokens",
+        "3",
+        "--json",
+        "--greedy",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "warning: the prompt's 40 tokens exceed the context (32); keeping its last 32"
+        in result.stderr
+    )
+    assert len(json.loads(result.stdout)["token_ids"]) == 3

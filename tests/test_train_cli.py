@@ -150,3 +150,43 @@ def test_export_errors(tmp_path):
     )
     assert result.returncode == 2
     assert "holds no checkpoint" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigkill_at_any_moment_leaves_a_good_checkpoint(tmp_path):
+    from minigpt2.checkpoint import load_checkpoint
+
+    args = settings(
+        tmp_path, max_iters=100000, checkpoint_interval=1, eval_interval=100000, log_interval=1000
+    )
+    ckpt = tmp_path / "out" / "ckpt.safetensors"
+    for delay in (0.05, 0.13, 0.29):  # kill at different points of the write cycle
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(ROOT / "train.py"),
+                *args,
+                *(["--init_from=resume"] if ckpt.exists() else []),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 60
+        while not ckpt.exists() and time.time() < deadline:
+            time.sleep(0.01)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        _, header = load_checkpoint(ckpt)  # readable, digest intact
+        assert header["iter"] >= 1
+    finished = run(
+        [
+            str(ROOT / "train.py"),
+            f"--out_dir={tmp_path / 'out'}",
+            "--init_from=resume",
+            f"--max_iters={header['iter'] + 1}",
+        ],
+        cwd=tmp_path,
+    )
+    assert finished.returncode == 0, finished.stderr
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # a killed writer's leftovers are gone

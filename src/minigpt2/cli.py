@@ -169,7 +169,6 @@ def sample_main(argv: list[str]) -> int:
     """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
     import codecs
     import json
-    import warnings
 
     import torch
 
@@ -193,10 +192,10 @@ def sample_main(argv: list[str]) -> int:
         args.max_new_tokens = args.max_length - len(prompt)
     block = model.config.block_size
     if len(prompt) > block:
-        warnings.warn(
-            f"prompt of {len(prompt)} tokens is longer than the context ({block}); "
+        print(
+            f"warning: the prompt's {len(prompt)} tokens exceed the context ({block}); "
             f"keeping its last {block}",
-            stacklevel=1,
+            file=sys.stderr,
         )
         prompt = prompt[-block:]
     cfg = SamplingConfig(

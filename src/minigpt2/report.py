@@ -44,6 +44,8 @@ class Reporter:
             return
         out = Path(cfg.out_dir)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".*.tmp"):  # half-written by a killed run; never read
+            stale.unlink(missing_ok=True)
         write_atomic(out / "config.toml", lambda tmp: Path(tmp).write_text(cfg.to_toml()))
         self.metrics_path = out / METRICS
         _trim_metrics(self.metrics_path, trainer.iter)
