@@ -5,7 +5,6 @@ Key names follow nanoGPT's train.py where one exists.
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -206,8 +205,3 @@ def load_toml(path: Path) -> dict:
         raise MiniGPT2Error(f"config file {path} not found") from None
     except tomllib.TOMLDecodeError as e:
         raise MiniGPT2Error(f"{path}: not valid TOML ({e})") from None
-
-
-def replace(config: TrainConfig, **changes) -> TrainConfig:
-    """A copy of config with fields changed (and checked)."""
-    return dataclasses.replace(config, **changes).check()

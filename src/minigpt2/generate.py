@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -65,8 +66,8 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # mass before this token already >= p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # the mass before this token is already p
         drop[:, 0] = False  # always keep the most likely token
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
@@ -133,8 +134,9 @@ class Generator:
             raise MiniGPT2Error("empty prompt: start from the end-of-text token instead")
         seq = torch.tensor([prompt[-block:]] * num_samples, dtype=torch.long, device=device)
         gens = [torch.Generator(device=device) for _ in range(num_samples)]
-        for i, g in enumerate(gens):
-            g.manual_seed((cfg.seed if cfg.seed is not None else torch.seed()) + i)
+        base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little")
+        for i, g in enumerate(gens):  # private generators: the global RNG stays untouched
+            g.manual_seed(base + i)
         room = min(block, seq.shape[1] + cfg.max_new_tokens)  # what this call can fill, no more
         cache = (
             KVCache(self.model.config, num_samples, room, device, self.dtype) if use_cache else None

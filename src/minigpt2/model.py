@@ -89,11 +89,6 @@ class KVCache:
         self.kv = torch.empty(shape, device=device, dtype=dtype)  # only [:pos] is ever read
         self.pos = 0  # tokens already stored
 
-    @property
-    def capacity(self) -> int:
-        """How many positions the cache holds."""
-        return self.kv.shape[4]
-
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""
