@@ -170,8 +170,6 @@ def sample_main(argv: list[str]) -> int:
     import codecs
     import json
 
-    import torch
-
     from .device import resolve_device, resolve_dtype
     from .generate import GenerationStats, Generator, SamplingConfig, layout_for_decoding
 
@@ -212,7 +210,7 @@ def sample_main(argv: list[str]) -> int:
     model.to(device=device, dtype=dtype)
     gen = Generator(layout_for_decoding(model), vocab_limit=tok.vocab_size)
     if args.compile:
-        gen.model = torch.compile(gen.model)
+        gen.compile()
     stats = GenerationStats()
     steps = gen.stream(prompt, args.num_samples, cfg, not args.no_cache, stats)
     streaming = args.num_samples == 1 and not args.json

@@ -112,10 +112,16 @@ class Generator:
             )
         self.head = wte.detach()[:vocab]  # padded ids past the tokenizer's are never scored
         self.device, self.dtype = wte.device, wte.dtype
+        self.hidden_states = self.model.hidden_states
+
+    def compile(self) -> Generator:
+        """torch.compile the model's per-step computation (shapes vary: dynamic)."""
+        self.hidden_states = torch.compile(self.model.hidden_states, dynamic=True)
+        return self
 
     def logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """Next-token logits (B, V) after idx."""
-        return F.linear(self.model.hidden_states(idx, cache)[:, -1, :], self.head)
+        return F.linear(self.hidden_states(idx, cache)[:, -1, :], self.head)
 
     @torch.inference_mode()
     def stream(
