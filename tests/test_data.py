@@ -235,3 +235,25 @@ def test_stdlib_source_resolves():
     src = resolve_source("stdlib")
     assert len(src.files) > 300 and all(f.suffix == ".py" for f in src.files)
     assert not [f for f in src.files if "site-packages" in f.parts]
+
+
+def test_hf_dataset_source_streams_a_local_dataset(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = [{"content": f"document {i}", "id": i} for i in range(5)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    spec = f"hf:{folder}"
+    with pytest.raises(MiniGPT2Error, match="no text column 'text'; pass --text-column"):
+        prepare(spec, BYTE, cache_dir=tmp_path / "c", progress=False)
+    out = prepare(spec, BYTE, cache_dir=tmp_path / "c", text_column="content", progress=False)
+    data = load_prepared(out, BYTE)
+    tokens = np.concatenate(
+        [data.train.window(0, len(data.train)), data.val.window(0, len(data.val))]
+    )
+    expected = []
+    for r in rows:
+        expected += list(r["content"].encode()) + [256]
+    assert tokens.tolist() == expected and data.meta["documents"] == 5
