@@ -124,7 +124,11 @@ def lost_contact(error: BaseException) -> bool:
     return any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))
 
 
-def shutdown(ctx: DistContext) -> None:
-    """Leave the process group."""
+def shutdown(ctx: DistContext, wait_for_all: bool = True) -> None:
+    """Leave the process group. After a clean run, ranks first wait for each other: a rank
+    tearing its connections down while a peer still writes the last checkpoint can abort the
+    peer at exit. After a failure there is nobody reliable to wait for."""
     if ctx.enabled and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()

@@ -324,9 +324,11 @@ class Trainer:
         from .report import Reporter
 
         self.t_start = time.perf_counter()
+        clean = False
         try:
             if self.cfg.eval_only:
                 losses = self.evaluate()
+                clean = True
                 return {"eval_only": True, **self._losses(losses)}
             reporter = Reporter(self)
             with Interrupted() as interrupted:
@@ -341,9 +343,10 @@ class Trainer:
                         f"checkpoint in {self.out_dir} is kept: resume with --init_from=resume"
                     ) from None
             reporter.finish(summary)
+            clean = True
             return summary
         finally:
-            shutdown(self.dist)
+            shutdown(self.dist, wait_for_all=clean)
 
     @staticmethod
     def _losses(losses: dict) -> dict:
