@@ -26,6 +26,19 @@ def run(args, cwd, timeout=120):
     )
 
 
+def resume(out_dir, max_iters: int, cwd):
+    """train.py --init_from=resume on out_dir up to max_iters."""
+    return run(
+        [
+            str(ROOT / "train.py"),
+            f"--out_dir={out_dir}",
+            "--init_from=resume",
+            f"--max_iters={max_iters}",
+        ],
+        cwd=cwd,
+    )
+
+
 @pytest.mark.parametrize(
     "toml, args, message",
     [
@@ -90,15 +103,7 @@ def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
     assert "SIGINT: checkpoint saved at step" in err and "Traceback" not in err
     step = json.loads(out.strip().splitlines()[-1])["iter"]
     assert step >= 3
-    resumed = run(
-        [
-            str(ROOT / "train.py"),
-            f"--out_dir={tmp_path / 'out'}",
-            "--init_from=resume",
-            f"--max_iters={step + 2}",
-        ],
-        cwd=tmp_path,
-    )
+    resumed = resume(tmp_path / "out", step + 2, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert json.loads(resumed.stdout.strip().splitlines()[-1])["iter"] == step + 2
 
@@ -179,14 +184,6 @@ def test_sigkill_at_any_moment_leaves_a_good_checkpoint(tmp_path):
         proc.wait()
         _, header = load_checkpoint(ckpt)  # readable, digest intact
         assert header["iter"] >= 1
-    finished = run(
-        [
-            str(ROOT / "train.py"),
-            f"--out_dir={tmp_path / 'out'}",
-            "--init_from=resume",
-            f"--max_iters={header['iter'] + 1}",
-        ],
-        cwd=tmp_path,
-    )
+    finished = resume(tmp_path / "out", header["iter"] + 1, tmp_path)
     assert finished.returncode == 0, finished.stderr
     assert not list((tmp_path / "out").glob(".*.tmp"))  # a killed writer's leftovers are gone

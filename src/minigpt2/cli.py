@@ -9,8 +9,11 @@ from .errors import MiniGPT2Error
 
 def train_main(argv: list[str], default_config: str | None = None) -> int:
     """`train.py [CONFIG.toml] [--key=value ...]`; without a config file, the quickstart's."""
+    from pathlib import Path
+
+    from .checkpoint import LATEST, load_checkpoint
     from .config import from_settings, read_settings
-    from .trainer import Trainer, print_summary, resume_state
+    from .trainer import Trainer, print_summary
 
     if argv and argv[0] in ("-h", "--help"):
         from .config import TrainConfig
@@ -20,13 +23,11 @@ def train_main(argv: list[str], default_config: str | None = None) -> int:
             + TrainConfig().to_toml()
         )
         return 0
-    settings = read_settings(argv)  # what this command line says, config file included
-    has_file = any(a.endswith(".toml") and not a.startswith("--") for a in argv)
-    defaults = read_settings([default_config]) if default_config and not has_file else {}
+    defaults, settings = read_settings(argv, default_config)
     cfg = from_settings({}, {**defaults, **settings})
     tensors = header = None
     if cfg.init_from == "resume":
-        tensors, header = resume_state(cfg)
+        tensors, header = load_checkpoint(Path(cfg.out_dir) / LATEST)
         cfg = from_settings(header["train_config"], {**settings, "init_from": "resume"})
         if header["iter"] >= cfg.max_iters and not cfg.eval_only:
             raise MiniGPT2Error(

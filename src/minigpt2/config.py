@@ -158,7 +158,8 @@ def _apply(values: dict, updates: dict, origin: str) -> None:
 
 def parse_args(argv: list[str], default_file: str | None = None) -> TrainConfig:
     """Build a config from `[FILE.toml] [--key=value | --key value ...]`."""
-    return TrainConfig(**read_settings(argv, default_file)).check()
+    defaults, given = read_settings(argv, default_file)
+    return TrainConfig(**{**defaults, **given}).check()
 
 
 def from_settings(base: dict, settings: dict) -> TrainConfig:
@@ -168,16 +169,20 @@ def from_settings(base: dict, settings: dict) -> TrainConfig:
     return TrainConfig(**{**values, **settings}).check()
 
 
-def read_settings(argv: list[str], default_file: str | None = None) -> dict:
-    """The settings given explicitly by a TOML file and the command line, typed and checked."""
+def read_settings(argv: list[str], default_file: str | None = None) -> tuple[dict, dict]:
+    """(defaults, given): default_file's settings when argv names no config file, and the
+    settings argv gives (its config file, then --key=value), each typed and checked. Kept
+    apart so a resumed run can take the saved config under what was given, not the defaults."""
     files = [a for a in argv if not a.startswith("--") and a.endswith(".toml")]
     rest = [a for a in argv if a not in files]
     if len(files) > 1:
         raise MiniGPT2Error(f"give at most one config file, got {len(files)}: {files}")
+    defaults: dict = {}
+    if default_file and not files:
+        _apply(defaults, load_toml(Path(default_file)), str(default_file))
     values: dict = {}
-    path = files[0] if files else default_file
-    if path:
-        _apply(values, load_toml(Path(path)), str(path))
+    if files:
+        _apply(values, load_toml(Path(files[0])), files[0])
     overrides, i = {}, 0
     while i < len(rest):
         arg = rest[i]
@@ -194,7 +199,7 @@ def read_settings(argv: list[str], default_file: str | None = None) -> dict:
         overrides[key] = value
         i += 1
     _apply(values, overrides, "command line")
-    return values
+    return defaults, values
 
 
 def load_toml(path: Path) -> dict:

@@ -396,12 +396,6 @@ class Trainer:
         }
 
 
-def resume_state(cfg: TrainConfig) -> tuple[dict, dict]:
-    """Tensors and header of out_dir's latest checkpoint, for init_from=resume."""
-    tensors, header = ckpt.load_checkpoint(Path(cfg.out_dir) / ckpt.LATEST)
-    return tensors, header
-
-
 def print_summary(summary: dict) -> None:
     """One JSON line with the run's result, for scripts."""
     print(json.dumps(summary), file=sys.stdout)
