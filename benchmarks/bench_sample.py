@@ -66,7 +66,7 @@ def main() -> None:
         with torch.inference_mode():
             for _ in range(args.repeats):  # interleaved, so both see the same machine state
                 t = time.perf_counter()
-                tokens["minigpt2"] = gen.generate(prompt[0].tolist(), 1, cfg)[0]
+                tokens["minigpt2"] = gen.generate([prompt[0].tolist()], cfg)[0]
                 times["minigpt2"].append(time.perf_counter() - t)
                 t = time.perf_counter()
                 out = hf.generate(

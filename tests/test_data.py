@@ -118,13 +118,13 @@ def test_sampler_is_deterministic_and_rank_slices_form_the_global_batch(tmp_path
     src = write(tmp_path / "a.txt", "".join(chr(32 + i % 90) for i in range(5000)))
     data = load_prepared(prepare(str(src), BYTE, cache_dir=tmp_path / "c", progress=False))
     a, b = Batches(data.train, 16, seed=7), Batches(data.train, 16, seed=7)
-    x1, y1 = a.get(step=3, global_count=8)
-    x2, y2 = b.get(step=3, global_count=8)
+    first, second = a.get(step=3, global_count=8), b.get(step=3, global_count=8)
+    (x1, y1), (x2, y2) = (first.x, first.y), (second.x, second.y)
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert torch.equal(x1[:, 1:], y1[:, :-1]) and x1.shape == (8, 16)
-    assert not torch.equal(x1, a.get(step=4, global_count=8)[0])
-    assert not torch.equal(x1, Batches(data.train, 16, seed=8).get(3, 8)[0])
-    halves = [a.get(3, 8, start=s, count=4)[0] for s in (0, 4)]  # two ranks
+    assert not torch.equal(x1, a.get(step=4, global_count=8).x)
+    assert not torch.equal(x1, Batches(data.train, 16, seed=8).get(3, 8).x)
+    halves = [a.get(3, 8, start=s, count=4).x for s in (0, 4)]  # two ranks
     assert torch.equal(torch.cat(halves), x1)
 
 

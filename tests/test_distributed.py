@@ -185,3 +185,13 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path):
         tmp_path,
     )
     assert_same_run(tmp_path / "full", tmp_path / "plain")
+
+
+def test_two_processes_match_one_on_records(tmp_path):
+    from test_records import completion_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "records.jsonl", completion_records())
+    common = dict(data=data, block_size=48, val_fraction=0.25, max_iters=6, lr_decay_iters=6)
+    run_world(1, tiny(tmp_path, "one", **common), tmp_path)
+    run_world(2, tiny(tmp_path, "two", **common), tmp_path)
+    assert_same_run(tmp_path / "one", tmp_path / "two")

@@ -33,24 +33,24 @@ def test_greedy_matches_transformers_generate(tmp_path):
         pad_token_id=0,
     )[0, len(prompt) :].tolist()
     gen = Generator(GPT.from_pretrained(directory))
-    assert gen.generate(prompt, 1, SamplingConfig(max_new_tokens=40, greedy=True))[0] == ref
-    assert gen.generate(prompt, 1, SamplingConfig(max_new_tokens=40, temperature=0))[0] == ref
+    assert gen.generate([prompt], SamplingConfig(max_new_tokens=40, greedy=True))[0] == ref
+    assert gen.generate([prompt], SamplingConfig(max_new_tokens=40, temperature=0))[0] == ref
 
 
 def test_cached_and_uncached_give_identical_tokens():
     gen = Generator(tiny_model())
     cfg = SamplingConfig(max_new_tokens=40, top_k=20, seed=3)  # runs past block_size=24
     prompt = [1, 2, 3, 4, 5, 6]
-    assert gen.generate(prompt, 2, cfg) == gen.generate(prompt, 2, cfg, use_cache=False)
+    assert gen.generate([prompt] * 2, cfg) == gen.generate([prompt] * 2, cfg, use_cache=False)
     greedy = SamplingConfig(max_new_tokens=40, greedy=True)
-    assert gen.generate(prompt, 1, greedy) == gen.generate(prompt, 1, greedy, use_cache=False)
+    assert gen.generate([prompt], greedy) == gen.generate([prompt], greedy, use_cache=False)
 
 
 def test_context_overflow_slides_the_window():
     model = tiny_model(block=8)
     gen = Generator(model)
     prompt = list(range(1, 12))  # longer than the context: its last 8 tokens are kept
-    out = gen.generate(prompt, 1, SamplingConfig(max_new_tokens=5, greedy=True))[0]
+    out = gen.generate([prompt], SamplingConfig(max_new_tokens=5, greedy=True))[0]
     seq = prompt[-8:]
     for _ in range(5):  # reference: full forward over the last 8 tokens, argmax
         with torch.no_grad():
@@ -61,11 +61,11 @@ def test_context_overflow_slides_the_window():
 def test_fixed_seed_reproduces_and_batch_equals_one_by_one():
     gen = Generator(tiny_model())
     cfg = SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=11)
-    batch = gen.generate([3, 4], 3, cfg)
-    assert batch == gen.generate([3, 4], 3, cfg)
+    batch = gen.generate([[3, 4]] * 3, cfg)
+    assert batch == gen.generate([[3, 4]] * 3, cfg)
     for i in range(3):
         single = SamplingConfig(max_new_tokens=12, temperature=1.3, top_p=0.9, seed=11 + i)
-        assert gen.generate([3, 4], 1, single)[0] == batch[i]
+        assert gen.generate([[3, 4]], single)[0] == batch[i]
     assert len({tuple(r) for r in batch}) > 1
 
 
@@ -100,8 +100,8 @@ def test_top_p_matches_transformers_warper():
 def test_sampled_tokens_respect_the_filters():
     gen = Generator(tiny_model())
     for seed in range(5):
-        out = gen.generate([7], 1, SamplingConfig(max_new_tokens=5, top_k=1, seed=seed))[0]
-        assert out == gen.generate([7], 1, SamplingConfig(max_new_tokens=5, greedy=True))[0]
+        out = gen.generate([[7]], SamplingConfig(max_new_tokens=5, top_k=1, seed=seed))[0]
+        assert out == gen.generate([[7]], SamplingConfig(max_new_tokens=5, greedy=True))[0]
 
 
 def test_padded_vocabulary_never_emits_unknown_ids():
@@ -109,7 +109,7 @@ def test_padded_vocabulary_never_emits_unknown_ids():
     with torch.no_grad():
         model.transformer.wte.weight[100:] = 5.0  # make the padding ids the most likely
     gen = Generator(model, vocab_limit=100)
-    out = gen.generate([1, 2], 2, SamplingConfig(max_new_tokens=30, seed=0))
+    out = gen.generate([[1, 2]] * 2, SamplingConfig(max_new_tokens=30, seed=0))
     assert max(max(r) for r in out) < 100
     with pytest.raises(MiniGPT2Error, match="tokenizer has 200 ids but the model only 128"):
         Generator(model, vocab_limit=200)
@@ -123,9 +123,9 @@ def test_stop_at_eot():
         model.transformer.ln_f.bias.copy_(model.transformer.wte.weight[50])
     gen = Generator(model)
     cfg = SamplingConfig(max_new_tokens=20, greedy=True, stop_at_eot=True, eot_id=50)
-    assert gen.generate([1, 2], 2, cfg) == [[50], [50]]
+    assert gen.generate([[1, 2]] * 2, cfg) == [[50], [50]]
     cfg.stop_at_eot = False
-    assert gen.generate([1, 2], 1, cfg) == [[50] * 20]
+    assert gen.generate([[1, 2]], cfg) == [[50] * 20]
 
 
 @pytest.mark.parametrize(

@@ -223,3 +223,52 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path):
                 f"--tokenizer={GPT2_TIKTOKEN}",
             ]
         )
+
+
+def test_sinusoidal_positions_train_resume_exactly_and_refuse_export(tmp_path):
+    from minigpt2.checkpoint import load_model
+    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.pretrained import save_pretrained
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    full.mkdir(), half.mkdir()
+    sin = dict(pos_embedding="sinusoidal", lr_decay_iters=6)
+    assert train_main(settings(full, max_iters=6, **sin)) == 0
+    assert train_main(settings(half, max_iters=3, **sin)) == 0
+    assert train_main([f"--out_dir={half / 'out'}", "--init_from=resume", "--max_iters=6"]) == 0
+    wf, wh = weights(full), weights(half)
+    assert not any("wpe" in k for k in wf) and wf.keys() == wh.keys()
+    assert all(torch.equal(wf[k], wh[k]) for k in wf)
+    val = [m["val_loss"] for m in metrics(full) if m["val_loss"] is not None]
+    assert val == [m["val_loss"] for m in metrics(half) if m["val_loss"] is not None]
+    assert val[-1] < val[0] < math.log(257)  # it learns
+    model, _ = load_model(full / "out" / "ckpt.safetensors")
+    assert model.config.pos_embedding == "sinusoidal"
+    gen, cfg = Generator(model), SamplingConfig(max_new_tokens=40, greedy=True)
+    assert gen.generate([[104, 105]], cfg) == gen.generate([[104, 105]], cfg, use_cache=False)
+    with pytest.raises(MiniGPT2Error, match="only learned positions"):
+        save_pretrained(model, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(
+        MiniGPT2Error, match="pos_embedding=sinusoidal applies to init_from=scratch"
+    ):
+        Trainer(parse_args(settings(tmp_path, init_from=str(full / "out"), **sin)))
+
+
+def test_fine_tune_from_a_training_out_dir(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    assert train_main(settings(base, max_iters=3)) == 0
+    start = weights(base, "best.safetensors")
+    trainer = Trainer(parse_args(settings(tmp_path, init_from=str(base / "out"), dropout=0.0)))
+    assert trainer.iter == 0  # a fresh run from those weights, not a resume
+    for name, value in trainer.model.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(value, start[f"model.{name}"]), name
+    from conftest import GPT2_TIKTOKEN
+
+    if not GPT2_TIKTOKEN.is_file():
+        pytest.skip(f"no GPT-2 BPE file at {GPT2_TIKTOKEN} for the tokenizer mismatch")
+    other = settings(tmp_path, init_from=str(base / "out"), tokenizer=str(GPT2_TIKTOKEN))
+    with pytest.raises(MiniGPT2Error, match="trained with tokenizer 'byte'; pass --tokenizer=byte"):
+        Trainer(parse_args(other))

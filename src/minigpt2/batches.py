@@ -12,6 +12,7 @@ import torch
 
 from .data import FORMAT_VERSION, META, prepare
 from .errors import MiniGPT2Error
+from .records import RecordSet
 from .tokenizer import Tokenizer
 
 
@@ -85,12 +86,50 @@ def open_corpus(spec: str, tokenizer: Tokenizer, **prepare_kwargs) -> PreparedDa
     return load_prepared(prepare(spec, tokenizer, **prepare_kwargs), tokenizer)
 
 
-class Batches:
-    """Random windows of block_size+1 tokens: inputs and next-token targets.
+@dataclass
+class Batch:
+    """Inputs, next-token targets (-1 where not counted) and the padding mask of one batch."""
 
-    The windows of a step depend only on (seed, stream, step), never on earlier calls, so a
-    resumed run sees the same data, and ranks of a distributed run slice one global batch.
-    """
+    x: torch.Tensor  # (B, T) token ids
+    y: torch.Tensor  # (B, T) targets
+    attention_mask: torch.Tensor | None  # (B, T), 1 for real tokens; None when none is padding
+    counted: int  # targets that count in the loss
+    tokens: int  # real input tokens (for throughput)
+
+
+def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.contiguous().to(device)
+
+
+class Sampler:
+    """Draws a step's global batch from (seed, stream, step) alone, never from earlier calls:
+    a resumed run sees the same data, and the ranks of a distributed run slice one batch."""
+
+    def picks(self, step: int, global_count: int) -> list | np.ndarray:
+        """What the step's global batch is made of (window offsets, record indices)."""
+        raise NotImplementedError
+
+    def batch(self, picks, device: torch.device | str = "cpu") -> Batch:
+        """The batch of those picks."""
+        raise NotImplementedError
+
+    def get(
+        self,
+        step: int,
+        global_count: int,
+        start: int = 0,
+        count: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> Batch:
+        """Items [start, start+count) of the step's global batch of global_count."""
+        count = global_count - start if count is None else count
+        return self.batch(self.picks(step, global_count)[start : start + count], device)
+
+
+class Batches(Sampler):
+    """Random windows of block_size+1 tokens: inputs and next-token targets."""
 
     def __init__(
         self, tokens: TokenRange, block_size: int, seed: int, stream: int = 0, name: str = "train"
@@ -102,29 +141,128 @@ class Batches:
             )
         self.tokens, self.block_size, self.seed, self.stream = tokens, block_size, seed, stream
 
-    def offsets(self, step: int, count: int) -> np.ndarray:
-        """Start offsets of the step's global batch of count windows."""
+    def picks(self, step: int, global_count: int) -> np.ndarray:
+        """Start offsets of the step's global batch of windows."""
         rng = np.random.default_rng([self.seed, self.stream, step])
-        return rng.integers(0, len(self.tokens) - self.block_size, size=count)
+        return rng.integers(0, len(self.tokens) - self.block_size, size=global_count)
 
-    def get(
-        self,
-        step: int,
-        global_count: int,
-        start: int = 0,
-        count: int | None = None,
-        device: torch.device | str = "cpu",
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Windows [start, start+count) of the step's global batch as (x, y), each (count, T)."""
-        count = global_count - start if count is None else count
-        offsets = self.offsets(step, global_count)[start : start + count]
+    def batch(self, offsets, device: torch.device | str = "cpu") -> Batch:
+        """The windows starting at offsets, each (len(offsets), T)."""
         n = self.block_size + 1
         rows = np.stack([self.tokens.window(int(o), n) for o in offsets]).astype(np.int64)
         data = torch.from_numpy(rows)
-        x, y = data[:, :-1], data[:, 1:]
-        if torch.device(device).type == "cuda":
-            return (
-                x.pin_memory().to(device, non_blocking=True),
-                y.pin_memory().to(device, non_blocking=True),
-            )
-        return x.contiguous().to(device), y.contiguous().to(device)
+        x, y = _to_device(data[:, :-1], device), _to_device(data[:, 1:], device)
+        return Batch(x, y, None, x.numel(), x.numel())
+
+    def sizes(self, step: int, global_count: int) -> tuple[int, int]:
+        """(input tokens, counted targets) of the step's global batch: every window is full."""
+        return global_count * self.block_size, global_count * self.block_size
+
+    def eval_batches(self, batch_size: int, eval_iters: int) -> int:
+        """How many batches one evaluation takes: eval_iters random ones."""
+        return eval_iters
+
+    def eval_batch(
+        self, k: int, batch_size: int, eval_iters: int, device: torch.device | str = "cpu"
+    ) -> Batch:
+        """Evaluation batch k (the same windows at every evaluation)."""
+        return self.get(k, batch_size, device=device)
+
+
+class RecordBatches(Sampler):
+    """Batches of whole records, padded on the right to the longest in the batch.
+
+    Training walks through the records epoch by epoch, each epoch in its own order drawn from
+    (seed, stream, epoch), so a step's records depend only on the step. Evaluation scores
+    every record once (exhaustive) or a fixed sample of eval_iters batches, sorted by length
+    so that batches hold little padding.
+    """
+
+    def __init__(
+        self,
+        records: RecordSet,
+        block_size: int,
+        seed: int,
+        stream: int = 0,
+        exhaustive: bool = False,
+    ) -> None:
+        self.ids, self.mask, self.cut = [], [], 0
+        for ids, counted, prompt, n in zip(
+            records.ids, records.counted, records.prompt_lengths, records.numbers, strict=True
+        ):
+            where = f"{records.source}: record {n}"
+            if prompt > block_size:
+                raise MiniGPT2Error(
+                    f"{where}: its prompt alone is {prompt} tokens, more than block_size="
+                    f"{block_size}; shorten it or raise block_size"
+                )
+            if len(ids) < 2:
+                raise MiniGPT2Error(f"{where} is a single token: there is nothing to predict")
+            self.cut += len(ids) > block_size + 1
+            self.ids.append(ids[: block_size + 1])  # long records lose their end
+            self.mask.append(counted[1 : block_size + 1])  # counted targets: tokens 1..
+        self.prompt_lengths = records.prompt_lengths
+        self.counts = np.array([m.sum() for m in self.mask], dtype=np.int64)
+        self.lengths = np.array([len(m) for m in self.mask], dtype=np.int64)  # input tokens
+        self.seed, self.stream, self.exhaustive = seed, stream, exhaustive
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> order (the last few)
+        self._eval_orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            rng = np.random.default_rng([self.seed, self.stream, epoch])
+            self._orders[epoch] = rng.permutation(len(self.ids))
+        return self._orders[epoch]
+
+    def picks(self, step: int, global_count: int) -> list[int]:
+        """The records of the step's global batch."""
+        n, first = len(self.ids), step * global_count
+        return [int(self._order(p // n)[p % n]) for p in range(first, first + global_count)]
+
+    def batch(self, indices: list[int], device: torch.device | str = "cpu") -> Batch:
+        """The records at indices, padded on the right; padding and uncounted targets are -1."""
+        width = max(len(self.ids[i]) for i in indices) - 1
+        x = np.zeros((len(indices), width), dtype=np.int64)
+        y = np.full((len(indices), width), -1, dtype=np.int64)
+        real = np.zeros((len(indices), width), dtype=np.int64)
+        for row, i in enumerate(indices):
+            ids, n = self.ids[i], len(self.ids[i]) - 1
+            x[row, :n], real[row, :n] = ids[:-1], 1
+            y[row, :n] = np.where(self.mask[i], ids[1:], -1)
+        tensors = [_to_device(torch.from_numpy(a), device) for a in (x, y, real)]
+        return Batch(*tensors, int(self.counts[indices].sum()), int(self.lengths[indices].sum()))
+
+    def sizes(self, step: int, global_count: int) -> tuple[int, int]:
+        """(input tokens, counted targets) of the step's global batch; the counted targets
+        weight the micro-batches of token-weighted accumulation."""
+        pick = self.picks(step, global_count)
+        return int(self.lengths[pick].sum()), int(self.counts[pick].sum())
+
+    def _eval_order(self, batch_size: int, eval_iters: int) -> np.ndarray:
+        """Records of an evaluation, longest first: all of them, or a fixed sample."""
+        key = (batch_size, eval_iters)
+        if key not in self._eval_orders:
+            n = len(self.ids)
+            pick = np.arange(n)
+            if not self.exhaustive:
+                pick = np.random.default_rng([self.seed, self.stream]).permutation(n)
+                pick = pick[: eval_iters * batch_size]
+            lengths = np.array([len(self.ids[i]) for i in pick])
+            self._eval_orders[key] = pick[np.argsort(-lengths, kind="stable")]
+        return self._eval_orders[key]
+
+    def eval_batches(self, batch_size: int, eval_iters: int) -> int:
+        """How many batches one evaluation takes."""
+        return -(-len(self._eval_order(batch_size, eval_iters)) // batch_size)
+
+    def eval_batch(
+        self, k: int, batch_size: int, eval_iters: int, device: torch.device | str = "cpu"
+    ) -> Batch:
+        """Evaluation batch k: the k-th batch_size records of the evaluation's order."""
+        order = self._eval_order(batch_size, eval_iters)
+        return self.batch(order[k * batch_size : (k + 1) * batch_size].tolist(), device)

@@ -163,11 +163,30 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def load_model(path: Path):
-    """A GPT and the header from a checkpoint file (latest or best)."""
+def find_checkpoint(spec: str, which: str = "best") -> Path | None:
+    """The checkpoint file spec names (a file, or a training out_dir's best or latest), or
+    None when spec is something else: a released-layout directory or a preset name."""
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir() or (path / "config.json").is_file():
+        return None
+    names = [BEST, LATEST] if which == "best" else [LATEST]
+    found = [path / n for n in names if (path / n).is_file()]
+    if not found:
+        raise MiniGPT2Error(
+            f"{path} holds no checkpoint ({' or '.join(names)}) and no "
+            "config.json; pass a training out_dir or a model directory"
+        )
+    return found[0]
+
+
+def load_model(path: Path, **overrides):
+    """A GPT and the header from a checkpoint file (latest or best); overrides replace model
+    config fields that do not change the weights (dropout, attn_impl)."""
     from .model import GPT, GPTConfig
 
     tensors, header = load_checkpoint(path)
-    model = GPT(GPTConfig.from_dict(header["model_config"]))
+    model = GPT(GPTConfig.from_dict({**header["model_config"], **overrides}))
     load_model_tensors(model, tensors)
     return model, header

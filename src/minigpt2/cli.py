@@ -67,6 +67,20 @@ def _sample_parser():
     p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
     p.add_argument("--prompt", default="", help="prompt text, or - to read standard input")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
+    p.add_argument(
+        "--batch-file",
+        default=None,
+        help="many prompts: .jsonl ({'prompt': ...} a line) or .txt (one a line); writes one "
+        "JSON object per prompt, in order",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=16, help="prompts decoded together (default: 16)"
+    )
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="a model trained on records: use the prompt as it is, not in its template",
+    )
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None, help="prompt plus new tokens")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -101,22 +115,11 @@ def _read_prompt(args) -> str:
 def load_model(spec: str, which: str = "best"):
     """(model, checkpoint header or None) from an out_dir, a checkpoint file, a released-layout
     directory or a preset name."""
-    from pathlib import Path
-
     from . import checkpoint as ckpt
     from .pretrained import load_pretrained
 
-    path = Path(spec).expanduser()
-    if path.is_dir() and not (path / "config.json").is_file():
-        names = [ckpt.BEST, ckpt.LATEST] if which == "best" else [ckpt.LATEST]
-        found = [path / n for n in names if (path / n).is_file()]
-        if not found:
-            raise MiniGPT2Error(
-                f"{path} holds no checkpoint ({' or '.join(names)}) and no "
-                "config.json; pass a training out_dir or a model directory"
-            )
-        path = found[0]
-    if path.is_file():
+    path = ckpt.find_checkpoint(spec, which)
+    if path is not None:
         return ckpt.load_model(path)
     return load_pretrained(spec), None
 
@@ -166,37 +169,44 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
-def sample_main(argv: list[str]) -> int:
-    """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
-    import codecs
-    import json
-
-    from .device import resolve_device, resolve_dtype
-    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_decoding
-
-    args = _sample_parser().parse_args(argv)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.num_samples < 1:
-        raise MiniGPT2Error(f"--num-samples={args.num_samples} must be at least 1")
-    model, header = load_model(args.model, args.checkpoint)
-    tok = tokenizer_for(header, args.tokenizer)
-    text = _read_prompt(args)
+def _prompt_ids(tok, text: str, block: int) -> list[int]:
+    """Token ids of a prompt, keeping the last block of a prompt longer than the context."""
     prompt = tok.encode(text) or [tok.eot_id]
-    if args.max_new_tokens is None and args.max_length is not None:
-        if args.max_length <= len(prompt):
-            raise MiniGPT2Error(
-                f"--max-length={args.max_length} is not above the prompt's {len(prompt)} tokens"
-            )
-        args.max_new_tokens = args.max_length - len(prompt)
-    block = model.config.block_size
     if len(prompt) > block:
         print(
             f"warning: the prompt's {len(prompt)} tokens exceed the context ({block}); "
             f"keeping its last {block}",
             file=sys.stderr,
         )
-        prompt = prompt[-block:]
+    return prompt[-block:]
+
+
+def sample_main(argv: list[str]) -> int:
+    """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
+    from .device import resolve_device, resolve_dtype
+    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_decoding
+    from .records import RECORD_FORMATS, read_prompts, wrap_prompt
+
+    args = _sample_parser().parse_args(argv)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    for name in ("num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    model, header = load_model(args.model, args.checkpoint)
+    tok = tokenizer_for(header, args.tokenizer)
+    texts = read_prompts(args.batch_file) if args.batch_file else [_read_prompt(args)]
+    fmt = (header or {}).get("data_format", "text")
+    template = fmt in RECORD_FORMATS and not args.raw  # as the model saw prompts in training
+    block = model.config.block_size
+    prompts = [_prompt_ids(tok, wrap_prompt(fmt, t) if template else t, block) for t in texts]
+    longest = max(map(len, prompts))
+    if args.max_new_tokens is None and args.max_length is not None:
+        if args.max_length <= longest:
+            raise MiniGPT2Error(
+                f"--max-length={args.max_length} is not above the prompt's {longest} tokens"
+            )
+        args.max_new_tokens = args.max_length - longest
     cfg = SamplingConfig(
         max_new_tokens=args.max_new_tokens or 100,
         temperature=args.temperature,
@@ -204,7 +214,7 @@ def sample_main(argv: list[str]) -> int:
         top_p=args.top_p,
         repetition_penalty=args.repetition_penalty,
         greedy=args.greedy,
-        stop_at_eot=args.stop_at_eot,
+        stop_at_eot=args.stop_at_eot or template,
         eot_id=tok.eot_id,
         seed=args.seed,
     ).check()
@@ -212,12 +222,37 @@ def sample_main(argv: list[str]) -> int:
     gen = Generator(layout_for_decoding(model), vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()
+    if args.batch_file:
+        _sample_batch_file(gen, args, cfg, tok, texts, prompts)
+        return 0
     stats = GenerationStats()
-    steps = gen.stream(prompt, args.num_samples, cfg, not args.no_cache, stats)
+    _sample_prompt(gen, args, cfg, tok, texts[0], prompts[0], stats, echo=not template)
+    print(
+        f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens} x "
+        f"{args.num_samples}, {stats.seconds:.2f} s, {stats.tokens_per_sec:.1f} tokens/s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _sample_json(text: str, tok, cfg, row: list[int], finish: str, **extra) -> str:
+    """One sample as a JSON object: prompt, text, token_ids, finish_reason."""
+    import json
+
+    body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
+    fields = {"prompt": text, "text": body, "token_ids": row, "finish_reason": finish, **extra}
+    return json.dumps(fields, ensure_ascii=False)
+
+
+def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None:
+    """One prompt, num_samples samples: streamed text, or a block / JSON object per sample."""
+    import codecs
+
+    steps = gen.stream([prompt] * args.num_samples, cfg, not args.no_cache, stats)
     streaming = args.num_samples == 1 and not args.json
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # never half a character
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]
-    if streaming:
+    if streaming and echo:
         sys.stdout.write(text)
     for token in steps:
         for row, t in zip(rows, token.tolist(), strict=True):
@@ -230,27 +265,40 @@ def sample_main(argv: list[str]) -> int:
     if streaming:
         sys.stdout.write(decoder.decode(b"", final=True) + "\n")
     for i, row in enumerate(rows if not streaming else []):
-        body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
         if args.json:
-            print(
-                json.dumps(
-                    {
-                        "prompt": text,
-                        "text": body,
-                        "token_ids": row,
-                        "finish_reason": stats.finish[i],
-                    },
-                    ensure_ascii=False,
-                )
-            )
+            print(_sample_json(text, tok, cfg, row, stats.finish[i]))
         else:
-            print(f"{'-' * 20} sample {i + 1}\n{text}{body}")
+            body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
+            print(f"{'-' * 20} sample {i + 1}\n{text if echo else ''}{body}")
+
+
+def _sample_batch_file(gen, args, cfg, tok, texts, prompts) -> None:
+    """Every prompt of a batch file, batch_size prompts (times num_samples) at a time; one JSON
+    object per sample in input order. Row i of the whole file draws with seed + i."""
+    from dataclasses import replace
+
+    from .generate import GenerationStats
+
+    k, new_tokens, seconds = args.num_samples, 0, 0.0
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = range(start, min(start + args.batch_size, len(prompts)))
+        seed = None if cfg.seed is None else cfg.seed + start * k
+        stats = GenerationStats()
+        rows = gen.generate(
+            [prompts[i] for i in chunk for _ in range(k)],
+            replace(cfg, seed=seed),
+            not args.no_cache,
+            stats,
+        )
+        new_tokens, seconds = new_tokens + sum(map(len, rows)), seconds + stats.seconds
+        for j, row in enumerate(rows):
+            extra = {"sample": j % k + 1} if k > 1 else {}
+            print(_sample_json(texts[chunk[j // k]], tok, cfg, row, stats.finish[j], **extra))
     print(
-        f"prompt tokens: {stats.prompt_tokens}, new tokens: {stats.new_tokens} x "
-        f"{args.num_samples}, {stats.seconds:.2f} s, {stats.tokens_per_sec:.1f} tokens/s",
+        f"prompts: {len(prompts)} x {k} sample(s), new tokens: {new_tokens}, {seconds:.2f} s, "
+        f"{new_tokens / seconds if seconds else 0.0:.1f} tokens/s",
         file=sys.stderr,
     )
-    return 0
 
 
 def main_sample() -> None:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from .errors import MiniGPT2Error
+from .model import POS_EMBEDDINGS
+from .records import DATA_FORMATS
 
 
 @dataclass
@@ -28,6 +30,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # last fraction of the tokens held out for validation
     hf_split: str = "train"  # split of an hf: dataset
     text_column: str = "text"  # text column of an hf: dataset
+    data_format: str = "auto"  # auto | text | instruction | prompt_completion | chat (records)
+    mask_prompt: bool = True  # record data: the loss counts response tokens only
     # model (for init_from=scratch; a released model brings its own shape)
     model: str = ""  # a preset (tiny, mini, small, gpt2, ...); n_layer etc. below override it
     n_layer: int = 0  # 0 = from the preset
@@ -38,6 +42,7 @@ class TrainConfig:
     bias: bool = True
     vocab_multiple: int = 1  # pad the vocabulary up to a multiple (64 makes GPT-2's 50304)
     attn_impl: str = "sdpa"  # sdpa | math
+    pos_embedding: str = "learned"  # learned | sinusoidal (fixed sin/cos table; scratch only)
     # optimisation
     batch_size: int = 12  # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -75,6 +80,8 @@ class TrainConfig:
             "decay": ("cosine", "linear", "constant"),
             "dtype": ("float32", "bfloat16", "float16"),
             "attn_impl": ("sdpa", "math"),
+            "pos_embedding": POS_EMBEDDINGS,
+            "data_format": DATA_FORMATS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:

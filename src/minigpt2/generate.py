@@ -99,7 +99,7 @@ class GenerationStats:
 
 
 class Generator:
-    """Generates from a GPT with a KV cache; several samples of one prompt run as one batch."""
+    """Generates from a GPT with a KV cache; several prompts (or samples) run as one batch."""
 
     def __init__(self, model: GPT, vocab_limit: int | None = None) -> None:
         self.model = getattr(model, "_orig_mod", model).eval()
@@ -119,47 +119,63 @@ class Generator:
         self.hidden_states = torch.compile(self.model.hidden_states, dynamic=True)
         return self
 
-    def logits(self, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        """Next-token logits (B, V) after idx."""
-        return F.linear(self.hidden_states(idx, cache)[:, -1, :], self.head)
+    def logits(self, idx: torch.Tensor, cache: KVCache | None, mask=None) -> torch.Tensor:
+        """Next-token logits (B, V) after idx (left-padded where mask is 0)."""
+        return F.linear(self.hidden_states(idx, cache, mask)[:, -1, :], self.head)
 
     @torch.inference_mode()
     def stream(
         self,
-        prompt: list[int],
-        num_samples: int,
+        prompts: list[list[int]],
         cfg: SamplingConfig,
         use_cache: bool = True,
         stats: GenerationStats | None = None,
     ) -> Iterator[torch.Tensor]:
-        """Yield the next token of every sample, (num_samples,), step by step."""
+        """Yield the next token of every prompt, (len(prompts),), step by step.
+
+        Prompts of different lengths run as one left-padded batch with one KV cache; each row
+        gets its own mask, positions and random generator, so a row's tokens are those it
+        would get alone. With stop_at_eot a finished row repeats end-of-text until all end.
+        """
         cfg.check()
         block = self.model.config.block_size
-        device = self.device
-        if not prompt:
+        device, n = self.device, len(prompts)
+        if not prompts or not all(prompts):
             raise MiniGPT2Error("empty prompt: start from the end-of-text token instead")
-        seq = torch.tensor([prompt[-block:]] * num_samples, dtype=torch.long, device=device)
-        gens = [torch.Generator(device=device) for _ in range(num_samples)]
+        prompts = [p[-block:] for p in prompts]
+        width = max(map(len, prompts))
+        seq = torch.zeros(n, width, dtype=torch.long, device=device)
+        real = torch.zeros(n, width, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):  # left padding: every row's last token is real
+            seq[i, width - len(p) :] = torch.tensor(p, device=device)
+            real[i, width - len(p) :] = True
+            seq[i, : width - len(p)] = p[-1]  # a seen token, so repetition_penalty ignores pads
+        mask = None if bool(real.all()) else real
+        gens = [torch.Generator(device=device) for _ in range(n)]
         base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little")
         for i, g in enumerate(gens):  # private generators: the global RNG stays untouched
             g.manual_seed(base + i)
-        room = min(block, seq.shape[1] + cfg.max_new_tokens)  # what this call can fill, no more
-        cache = (
-            KVCache(self.model.config, num_samples, room, device, self.dtype) if use_cache else None
-        )
+        room = min(block, width + cfg.max_new_tokens)  # what this call can fill, no more
+        cache = KVCache(self.model.config, n, room, device, self.dtype) if use_cache else None
         stats = stats or GenerationStats()
-        stats.prompt_tokens, stats.finish = len(prompt), ["length"] * num_samples
-        done = torch.zeros(num_samples, dtype=torch.bool, device=device)
-        step_input, t0 = seq, time.perf_counter()
+        stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
+        done = torch.zeros(n, dtype=torch.bool, device=device)
+        step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
-            if cache is not None and cache.pos + step_input.shape[1] > block:
-                cache.pos, step_input = 0, seq[:, -block:]  # slide: re-run the last window
-            logits = self.logits(step_input if cache is not None else seq[:, -block:], cache)
+            if cache is None or cache.pos + step_input.shape[1] > block:
+                # no cache, or a full one: run the last window again from position 0
+                step_input = seq[:, -block:]
+                step_mask = None if mask is None else mask[:, -block:]
+                if cache is not None:
+                    cache.reset()
+            logits = self.logits(step_input, cache, step_mask)
             token = pick_tokens(process_logits(logits, cfg, seq), cfg, gens)
             if cfg.stop_at_eot and cfg.eot_id is not None:
                 token = torch.where(done, cfg.eot_id, token)
             seq = torch.cat([seq, token[:, None]], dim=1)
-            step_input = token[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(token, dtype=torch.bool)[:, None]], 1)
+            step_input, step_mask = token[:, None], None
             stats.new_tokens += 1
             yield token
             if cfg.stop_at_eot and cfg.eot_id is not None:
@@ -171,11 +187,15 @@ class Generator:
         stats.seconds = time.perf_counter() - t0
 
     def generate(
-        self, prompt: list[int], num_samples: int, cfg: SamplingConfig, use_cache: bool = True
+        self,
+        prompts: list[list[int]],
+        cfg: SamplingConfig,
+        use_cache: bool = True,
+        stats: GenerationStats | None = None,
     ) -> list[list[int]]:
-        """New token ids of each sample (cut after end-of-text when stop_at_eot)."""
-        steps = list(self.stream(prompt, num_samples, cfg, use_cache))
-        out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in range(num_samples)]
+        """New token ids of each prompt (cut after end-of-text when stop_at_eot)."""
+        steps = list(self.stream(prompts, cfg, use_cache, stats))
+        out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in prompts]
         if cfg.stop_at_eot and cfg.eot_id is not None:
             out = [row[: row.index(cfg.eot_id) + 1] if cfg.eot_id in row else row for row in out]
         return out

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import CausalSelfAttention, KVCache, padding_mask
 from .errors import MiniGPT2Error
 
 
@@ -30,6 +31,7 @@ class GPTConfig:
     bias: bool = True  # biases in linear layers and LayerNorms, as in GPT-2
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (explicit masked softmax)
+    pos_embedding: str = "learned"  # "learned" (GPT-2's table) or "sinusoidal" (fixed, computed)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -43,6 +45,10 @@ class GPTConfig:
             raise MiniGPT2Error(f"model config: dropout={self.dropout} must be in [0, 1)")
         if self.attn_impl not in ("sdpa", "math"):
             raise MiniGPT2Error(f"model config: attn_impl={self.attn_impl!r}; use sdpa or math")
+        if self.pos_embedding not in POS_EMBEDDINGS:
+            raise MiniGPT2Error(
+                f"model config: pos_embedding={self.pos_embedding!r}; use learned or sinusoidal"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict of the fields, for JSON."""
@@ -67,6 +73,9 @@ class GPTConfig:
         return cls(**{**PRESETS[name], **overrides})
 
 
+POS_EMBEDDINGS = ("learned", "sinusoidal")
+IGNORE_INDEX = -1  # targets never scored: nanoGPT's -1; transformers' -100 is mapped to it
+
 # Sizes of the four released GPT-2 models (Radford et al. 2019, table 2, with the published
 # configs), plus small shapes for tests and CPU runs.
 PRESETS: dict[str, dict] = {
@@ -80,75 +89,26 @@ PRESETS: dict[str, dict] = {
 }
 
 
-class KVCache:
-    """Preallocated keys and values of every layer, filled as tokens are generated."""
+class SinusoidalPositions(nn.Module):
+    """The fixed sin/cos position table of Vaswani et al. 2017 (section 3.5): computed, not
+    trained, not saved. PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(same)."""
 
-    def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype) -> None:
-        hd = config.n_embd // config.n_head
-        shape = (config.n_layer, 2, batch, config.n_head, length, hd)
-        self.kv = torch.empty(shape, device=device, dtype=dtype)  # only [:pos] is ever read
-        self.pos = 0  # tokens already stored
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head self-attention where each position sees only itself and earlier positions."""
-
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, block_size: int, n_embd: int) -> None:
         super().__init__()
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.n_head = config.n_head
-        self.dropout = config.dropout
-        self.attn_impl = config.attn_impl
+        self.register_buffer("table", sinusoid_table(block_size, n_embd), persistent=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        past = 0
-        if cache is not None:  # append this step's keys and values, attend over all so far
-            past = cache.pos
-            cache.kv[layer, 0, :, :, past : past + T] = k
-            cache.kv[layer, 1, :, :, past : past + T] = v
-            k = cache.kv[layer, 0, :, :, : past + T]  # (B, nh, past+T, hs)
-            v = cache.kv[layer, 1, :, :, : past + T]
-        dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype is torch.bfloat16 and torch.is_grad_enabled():
-            # torch's CPU flash-attention backward is ~8x slower in bfloat16 than in float32
-            # (measured: 4.6 ms vs 0.54 ms per call at B=12, T=64, C=128); attention is a
-            # small share of the FLOPs, so it runs in float32 and the matmuls stay bfloat16.
-            with torch.autocast("cpu", enabled=False):
-                y = self._attend(q.float(), k.float(), v.float(), past, dropout).to(q.dtype)
-        else:
-            y = self._attend(q, k, v, past, dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-join heads: (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
-
-    def _attend(self, q, k, v, past: int, dropout: float) -> torch.Tensor:
-        """(B, nh, T, hs) outputs of q attending over k, v with the causal mask."""
-        T = q.shape[2]
-        if self.attn_impl == "sdpa":
-            if past == 0:
-                return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
-            mask = None if T == 1 else _causal_mask(T, past, q.device)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return _masked_softmax_attention(q, k, v, past, dropout, self.training)
+    def forward(self, pos: torch.Tensor) -> torch.Tensor:
+        return self.table[pos]
 
 
-def _causal_mask(T: int, past: int, device) -> torch.Tensor:
-    """Boolean (T, past+T) mask: query i (at position past+i) sees keys 0..past+i."""
-    rows = torch.arange(T, device=device)[:, None] + past
-    return torch.arange(past + T, device=device)[None, :] <= rows
-
-
-def _masked_softmax_attention(q, k, v, past: int, dropout: float, training: bool) -> torch.Tensor:
-    """Attention spelled out: scaled scores, -inf above the diagonal, softmax, weighted sum."""
-    T = q.shape[2]
-    att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.shape[-1]))  # (B, nh, T, past+T)
-    att = att.masked_fill(~_causal_mask(T, past, q.device), float("-inf"))
-    att = F.dropout(F.softmax(att, dim=-1), p=dropout, training=training)
-    return att @ v  # (B, nh, T, hs)
+def sinusoid_table(length: int, dim: int) -> torch.Tensor:
+    """(length, dim) float32 table of SinusoidalPositions, computed in float64."""
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (ceil(dim/2),)
+    table = torch.zeros(length, dim, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return table.float()
 
 
 class MLP(nn.Module):
@@ -175,8 +135,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -189,7 +149,9 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd)
+                if config.pos_embedding == "learned"
+                else SinusoidalPositions(config.block_size, config.n_embd),
                 drop=nn.Dropout(config.dropout),
                 h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
                 ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
@@ -214,7 +176,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, the tied embedding counted once; optionally without the position table."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - sum(p.numel() for p in self.transformer.wpe.parameters()) * non_embedding
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs (forward + backward) per token: 6N + 12*L*C*T (PaLM paper, app. B)."""
@@ -222,8 +184,18 @@ class GPT(nn.Module):
         T = seq_len or cfg.block_size
         return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
 
-    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Final-LayerNorm outputs (B, T, n_embd) for token ids idx (B, T)."""
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-LayerNorm outputs (B, T, n_embd) for token ids idx (B, T).
+
+        attention_mask (B, T): 1 for real tokens, 0 for padding (of idx only; a cache keeps
+        the earlier ones). Padded keys are never attended and positions count real tokens
+        only (cumsum - 1, as transformers' generate), so left padding shifts nothing.
+        """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
@@ -231,24 +203,57 @@ class GPT(nn.Module):
                 f"sequence of {past + T} tokens is longer than the model's context "
                 f"(block_size={self.config.block_size})"
             )
-        pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
+        pos, mask = self._positions_and_mask(idx, cache, attention_mask)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         if cache is not None:
             cache.pos += T
         return self.transformer.ln_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab) for idx (B, T); with targets (B, T), also the mean cross-entropy.
+    def _positions_and_mask(self, idx, cache: KVCache | None, attention_mask):
+        """Position ids, (T,) or (B, T), and the attention mask for the blocks (None: causal)."""
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        padded = cache is not None and cache.mask is not None
+        if attention_mask is not None and not padded:
+            padded = not bool(attention_mask.bool().all())  # all real: keep the fused causal path
+        if not padded:
+            return torch.arange(past, past + T, dtype=torch.long, device=idx.device), None
+        real = torch.ones_like(idx, dtype=torch.bool)
+        if attention_mask is not None:
+            real = attention_mask.to(device=idx.device, dtype=torch.bool)
+        seen = torch.full((B,), past, dtype=torch.long, device=idx.device)
+        keys = real
+        if cache is not None:
+            if cache.mask is None:  # the first padding this cache sees: all earlier are real
+                cache.mask = torch.ones(cache.kv.shape[2], cache.kv.shape[4], dtype=torch.bool)
+                cache.mask = cache.mask.to(idx.device)
+                cache.seen = seen
+            seen = cache.seen.clone()
+            cache.mask[:, past : past + T] = real
+            cache.seen += real.sum(1)
+            keys = cache.mask[:, : past + T]
+        pos = (seen[:, None] + real.long().cumsum(1) - 1).masked_fill(~real, 0)
+        return pos, padding_mask(keys, T)
 
-        Targets equal to -1 are ignored, as in nanoGPT.
-        """
-        logits = self.lm_head(self.hidden_states(idx))
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ):
+        """Logits (B, T, vocab) for idx (B, T); with targets (B, T), also the mean cross-entropy
+        over the targets that count: -1 (nanoGPT) and -100 (transformers) are ignored.
+        attention_mask (B, T) marks real tokens with 1 and padding with 0."""
+        logits = self.lm_head(self.hidden_states(idx, attention_mask=attention_mask))
         if targets is None:
             return logits
+        targets = targets.masked_fill(targets == -100, IGNORE_INDEX)
         loss = F.cross_entropy(
-            logits.view(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
+            logits.view(-1, logits.size(-1)).float(),
+            targets.reshape(-1),
+            ignore_index=IGNORE_INDEX,
         )
         return logits, loss
 
@@ -261,6 +266,9 @@ class GPT(nn.Module):
             )
         self.config.block_size = block_size
         wpe = self.transformer.wpe
+        if isinstance(wpe, SinusoidalPositions):
+            wpe.table = wpe.table[:block_size].clone()
+            return
         wpe.weight = nn.Parameter(wpe.weight.detach()[:block_size].clone())
         wpe.num_embeddings = block_size
 

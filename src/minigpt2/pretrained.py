@@ -210,6 +210,11 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, eot_id: int | None =
     model = getattr(model, "_orig_mod", model)
     if not model.config.bias:
         raise MiniGPT2Error("the released GPT-2 layout has biases; a bias=False model can't export")
+    if model.config.pos_embedding != "learned":
+        raise MiniGPT2Error(
+            "the released GPT-2 layout has only learned positions; a model with "
+            f"pos_embedding={model.config.pos_embedding} can't be exported to it"
+        )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)

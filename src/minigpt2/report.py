@@ -33,12 +33,9 @@ class Reporter:
         self.t = trainer
         self.active = trainer.dist.is_main
         cfg = trainer.cfg
-        self.tokens_per_step = trainer.global_batch * trainer.block_size
-        self.flops_per_step = (
-            trainer.model.flops_per_token(trainer.block_size) * self.tokens_per_step
-        )
+        self.flops_per_token = trainer.model.flops_per_token(trainer.block_size)
         self.peak = peak_flops(trainer.device, trainer.dtype) if self.active else None
-        self.mark = (trainer.iter, time.perf_counter())
+        self.mark = (trainer.iter, trainer.tokens_seen, time.perf_counter())
         self.bar = None
         if not self.active:
             return
@@ -62,6 +59,8 @@ class Reporter:
             f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
             f"tokens ({trainer.dist.world_size} process(es))"
         )
+        if trainer.data_note:
+            self.say(trainer.data_note)
 
     def say(self, text: str) -> None:
         """A line that does not break the progress bar."""
@@ -76,9 +75,10 @@ class Reporter:
     def log(self, it: int, loss: float, lr: float, evals: dict) -> None:
         """Record step it: throughput since the last log (evaluation time excluded)."""
         now = time.perf_counter()
-        steps, seconds = it - self.mark[0], now - self.mark[1]
-        tps = steps * self.tokens_per_step / seconds if seconds > 0 and steps else 0.0
-        mfu = steps * self.flops_per_step / seconds / self.peak if self.peak and tps else None
+        steps, seconds = it - self.mark[0], now - self.mark[2]
+        tokens = self.t.tokens_seen - self.mark[1]
+        tps = tokens / seconds if seconds > 0 and steps else 0.0
+        mfu = tps * self.flops_per_token / self.peak if self.peak and tps else None
         if self.active:
             row = {
                 "iter": it,
@@ -105,7 +105,7 @@ class Reporter:
                     f"step {it}: train {evals['train_loss']:.4f}, val "
                     f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})"
                 )
-        self.mark = (it, time.perf_counter())
+        self.mark = (it, self.t.tokens_seen, time.perf_counter())
 
     def finish(self, summary: dict) -> None:
         """Close the bar; then the loss plot and a sample from the trained model."""
@@ -152,13 +152,23 @@ def plot_losses(metrics: Path, out: Path) -> bool:
 
 
 def sample_text(trainer) -> str:
-    """A short sample from the trained model, seeded by the run's seed."""
+    """A short sample from the trained model, seeded by the run's seed: a continuation of
+    sample_prompt, or for record data the response to the first validation record's prompt."""
     from .generate import Generator, SamplingConfig
 
     cfg, tok = trainer.cfg, trainer.tokenizer
     prompt = tok.encode(cfg.sample_prompt) or [tok.eot_id]
+    records = trainer.data_format != "text"
+    if records:
+        val = trainer.eval_batches["val"]
+        prompt = val.ids[0][: val.prompt_lengths[0]].tolist() or [tok.eot_id]
     sampling = SamplingConfig(
-        max_new_tokens=cfg.sample_tokens, temperature=0.8, top_k=200, seed=cfg.seed
+        max_new_tokens=cfg.sample_tokens,
+        temperature=0.8,
+        top_k=200,
+        seed=cfg.seed,
+        stop_at_eot=records,
+        eot_id=tok.eot_id,
     )
-    ids = Generator(trainer.model, vocab_limit=tok.vocab_size).generate(prompt, 1, sampling)[0]
-    return tok.decode(prompt + ids)
+    ids = Generator(trainer.model, vocab_limit=tok.vocab_size).generate([prompt], sampling)[0]
+    return tok.decode(prompt + [i for i in ids if i != tok.eot_id])

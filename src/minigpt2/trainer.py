@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .batches import Batches, open_corpus
+from .batches import Batch, Batches, RecordBatches, open_corpus
 from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_dtype
 from .distributed import (
@@ -26,6 +26,7 @@ from .distributed import (
 )
 from .errors import MiniGPT2Error
 from .model import GPT, GPTConfig
+from .records import RECORD_FORMATS, is_records_path, load_records
 from .tokenizer import Tokenizer, get_tokenizer
 
 EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
@@ -70,7 +71,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devi
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A fresh model (scratch) or released weights to fine-tune; resume is handled by Trainer."""
+    """A fresh model (scratch), or weights to fine-tune: released ones or a training checkpoint
+    (an out_dir or a checkpoint file); resume is handled by Trainer."""
     if cfg.init_from == "scratch":
         sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
         vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
@@ -80,6 +82,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
             dropout=cfg.dropout,
             bias=cfg.bias,
             attn_impl=cfg.attn_impl,
+            pos_embedding=cfg.pos_embedding,
             **sizes,
         )
         if cfg.model:
@@ -88,13 +91,59 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
         if missing:
             raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
         return GPT(GPTConfig(**shape))
+    if cfg.pos_embedding != "learned":
+        raise MiniGPT2Error(
+            f"pos_embedding={cfg.pos_embedding} applies to init_from=scratch; a model to "
+            "fine-tune brings its own positions (leave pos_embedding unset)"
+        )
     from .pretrained import load_pretrained
 
-    model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+    path = ckpt.find_checkpoint(cfg.init_from)
+    if path is None:
+        model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+    else:
+        model, header = ckpt.load_model(path, dropout=cfg.dropout)
+        if header["tokenizer_hash"] != tokenizer.fingerprint:
+            raise MiniGPT2Error(
+                f"init_from={cfg.init_from} was trained with tokenizer {header['tokenizer']!r}"
+                f"; pass --tokenizer={header.get('tokenizer_spec', header['tokenizer'])}"
+            )
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
     model.config.attn_impl = cfg.attn_impl
+    for block in model.transformer.h:
+        block.attn.attn_impl = cfg.attn_impl
     return model
+
+
+def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
+    """(format, data): "text" and a prepared corpus, or a record format and its records."""
+    if not cfg.data:
+        raise MiniGPT2Error(
+            "no training data: pass --data=PATH (a text file, a directory, "
+            "a glob, stdlib, hf:NAME[:CONFIG], a prepared directory or a .json/.jsonl "
+            "record file)"
+        )
+    records = cfg.data_format in RECORD_FORMATS
+    if cfg.data_format == "auto":
+        records = is_records_path(cfg.data)
+    if not records:
+        corpus = open_corpus(
+            cfg.data,
+            tokenizer,
+            cache_dir=cfg.data_cache or None,
+            val_fraction=cfg.val_fraction,
+            hf_split=cfg.hf_split,
+            text_column=cfg.text_column,
+            progress=progress,
+        )
+        return "text", corpus
+    if not is_records_path(cfg.data):
+        raise MiniGPT2Error(
+            f"data_format={cfg.data_format} reads a .json or .jsonl record file, not {cfg.data!r}"
+        )
+    data = load_records(cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt)
+    return data.format, data
 
 
 class Interrupted:
@@ -143,20 +192,7 @@ class Trainer:
             )
         self.micro_steps = cfg.gradient_accumulation_steps // world
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
-        if not cfg.data:
-            raise MiniGPT2Error(
-                "no training data: pass --data=PATH (a text file, a directory, "
-                "a glob, stdlib, hf:NAME[:CONFIG] or a prepared directory)"
-            )
-        data = open_corpus(
-            cfg.data,
-            self.tokenizer,
-            cache_dir=cfg.data_cache or None,
-            val_fraction=cfg.val_fraction,
-            hf_split=cfg.hf_split,
-            text_column=cfg.text_column,
-            progress=self.dist.is_main,
-        )
+        self.data_format, data = open_data(cfg, self.tokenizer, self.dist.is_main)
         torch.manual_seed(cfg.seed)
         if resume_header is not None:
             if resume_header["tokenizer_hash"] != self.tokenizer.fingerprint:
@@ -175,13 +211,26 @@ class Trainer:
                 f" ids but the model only {mc.vocab_size}; use its tokenizer"
             )
         self.block_size = mc.block_size
-        self.batches = {
-            "train": Batches(data.train, mc.block_size, cfg.seed, 0, "train"),
-            **{
+        self.data_note = None  # a line about the data for the start of the run
+        if self.data_format == "text":
+            self.train_batches = Batches(data.train, mc.block_size, cfg.seed, 0, "train")
+            self.eval_batches = {
                 s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
                 for s, n in EVAL_STREAMS.items()
-            },
-        }
+            }
+        else:  # every validation record is scored at every evaluation
+            self.train_batches = RecordBatches(data.train, mc.block_size, cfg.seed, 0)
+            self.eval_batches = {
+                s: RecordBatches(getattr(data, s), mc.block_size, cfg.seed, n, s == "val")
+                for s, n in EVAL_STREAMS.items()
+            }
+            self.data_note = (
+                f"{len(data.train):,} training and {len(data.val):,} validation records "
+                f"({self.data_format}) from {cfg.data}; "
+                f"{self.train_batches.cut + self.eval_batches['val'].cut} longer than "
+                f"block_size+1 = {mc.block_size + 1} tokens were cut at the end"
+            )
+        self.tokens_seen = 0  # real input tokens trained on in this process's run
         self.model.to(self.device)
         self.fsdp = cfg.fsdp
         self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
@@ -231,6 +280,7 @@ class Trainer:
             "tokenizer": self.tokenizer.name,
             "tokenizer_hash": self.tokenizer.fingerprint,
             "tokenizer_spec": self.cfg.tokenizer,
+            "data_format": self.data_format,
             "optimizer_groups": groups,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
@@ -264,42 +314,48 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over eval_iters fixed batches of each split (the same batches every time,
-        whatever the number of processes: rank r takes batches r, r + world, ...)."""
+        """Token-weighted mean loss of each split over its evaluation batches: eval_iters fixed
+        batches, or every validation record once. Rank r takes batches r, r + world, ...; the
+        result does not depend on the number of processes."""
         self.net.eval()
         out = {}
-        for split in EVAL_STREAMS:
-            total = torch.zeros(2, device=self.device)  # (sum of batch losses, batches)
-            world = self.dist.world_size
-            rounds = -(-self.cfg.eval_iters // world)  # equal on every rank, as FSDP needs
+        bs, iters, world = self.cfg.batch_size, self.cfg.eval_iters, self.dist.world_size
+        for split, batches in self.eval_batches.items():
+            total = torch.zeros(2, device=self.device)  # (summed loss, counted targets)
+            n = batches.eval_batches(bs, iters)
+            rounds = -(-n // world)  # equal on every rank, as FSDP needs
             for k in range(self.dist.rank, rounds * world, world):
-                real = k < self.cfg.eval_iters
-                x, y = self.batches[split].get(
-                    k if real else 0, self.cfg.batch_size, device=self.device
-                )
+                real = k < n
+                b = batches.eval_batch(k if real else 0, bs, iters, self.device)
                 with autocast(self.device, self.dtype):
-                    loss = self.net(x, y)[1].float()
-                total += torch.stack([loss, torch.ones_like(loss)]) * real
+                    loss = self.net(b.x, b.y, b.attention_mask)[1].float()
+                total += torch.stack([loss * b.counted, torch.ones_like(loss) * b.counted]) * real
             total = mean_across_ranks(total, self.dist)  # the ratio is what matters
             out[split] = (total[0] / total[1]).item()
         self.net.train()
         return out
 
-    def _batch(self, split: str, step: int, micro: int):
-        """This rank's micro-batch `micro` of the step's global batch."""
+    def _batch(self, step: int, micro: int) -> Batch:
+        """This rank's micro-batch `micro` of the step's global training batch."""
         j = micro * self.dist.world_size + self.dist.rank
-        return self.batches[split].get(
-            step, self.global_batch, j * self.cfg.batch_size, self.cfg.batch_size, self.device
-        )
+        bs = self.cfg.batch_size
+        return self.train_batches.get(step, self.global_batch, j * bs, bs, self.device)
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over the global batch; returns the mean loss (a tensor)."""
+        """One optimizer step over the global batch; returns its mean loss (a tensor).
+
+        Each micro-batch's mean loss is weighted by its share of the counted targets of the
+        global batch, so the gradient is that of the token-weighted mean over the whole
+        batch, however records fall into micro-batches and ranks (DDP averages over ranks,
+        hence the factor world)."""
         lr = lr_at(self.iter, self.cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        tokens, counted = self.train_batches.sizes(self.iter, self.global_batch)
+        world = self.dist.world_size
         total = torch.zeros((), device=self.device)
         for micro in range(self.micro_steps):
-            x, y = self._batch("train", self.iter, micro)
+            b = self._batch(self.iter, micro)
             last = micro == self.micro_steps - 1
             if self.fsdp:  # FSDP: reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(last)
@@ -307,7 +363,7 @@ class Trainer:
             sync = contextlib.nullcontext() if quiet else self.net.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    loss = self.net(x, y)[1] / self.micro_steps
+                    loss = self.net(b.x, b.y, b.attention_mask)[1] * (b.counted * world) / counted
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         if self.cfg.grad_clip > 0:
@@ -317,6 +373,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.iter += 1
+        self.tokens_seen += tokens
         return total
 
     def run(self) -> dict:

@@ -1,0 +1,264 @@
+"""Training records: prompt/response data in `.json` or `.jsonl` files, and their templates.
+
+Three formats, detected from the fields of the records or named with `data_format`:
+- `instruction`: Alpaca's `instruction`, optional `input`, and `output`, under Stanford
+  Alpaca's prompt templates (as litgpt writes them); the response is `output`.
+- `prompt_completion`: TRL's `prompt` and `completion`, used as they are.
+- `chat`: `messages`, a list of `{role, content}` with roles system, user and assistant, under
+  this plain-text template: each message is a header line `### System:`, `### User:` or
+  `### Assistant:`, then the content; user and system messages end with a blank line, and an
+  assistant message ends with <|endoftext|>. The assistant contents are the responses.
+
+A response is always followed by the end-of-text token. Prompt and response text are tokenized
+separately and concatenated; by default only response tokens (and their end-of-text) count in
+the loss.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MiniGPT2Error
+from .tokenizer import Tokenizer
+
+RECORD_FORMATS = ("instruction", "prompt_completion", "chat")
+DATA_FORMATS = ("auto", "text", *RECORD_FORMATS)
+RECORD_SUFFIXES = (".json", ".jsonl")
+
+# Stanford Alpaca's two prompts, character for character (litgpt's alpaca template too).
+ALPACA_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further "
+    "context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+ALPACA_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
+_FIELDS = {
+    "instruction": "instruction, output and optionally input",
+    "prompt_completion": "prompt and completion",
+    "chat": "messages (a list of {role, content})",
+}
+
+
+def is_records_path(spec: str) -> bool:
+    """Whether a data source names a record file (by its suffix)."""
+    return Path(spec).suffix.lower() in RECORD_SUFFIXES
+
+
+def detect_format(record: dict) -> str | None:
+    """The record format whose fields a record has, or None."""
+    if not isinstance(record, dict):
+        return None
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "instruction"
+    if "prompt" in record and "completion" in record:
+        return "prompt_completion"
+    return None
+
+
+def wrap_prompt(fmt: str, text: str) -> str:
+    """The prompt a model trained on fmt records expects before its response to text."""
+    if fmt == "instruction":
+        return ALPACA_NO_INPUT.format(instruction=text)
+    if fmt == "chat":
+        return _chat_header("user") + text + "\n\n" + _chat_header("assistant")
+    return text
+
+
+def _chat_header(role: str) -> str:
+    return f"### {CHAT_ROLES[role]}:\n"
+
+
+def _text(record: dict, key: str, where: str, optional: bool = False) -> str:
+    value = record.get(key, "" if optional else None)
+    if not isinstance(value, str):
+        problem = "no" if value is None else f"a non-string ({type(value).__name__})"
+        raise MiniGPT2Error(f"{where} has {problem} {key!r} field; it needs a string there")
+    return value
+
+
+def segments(record: dict, fmt: str, where: str) -> list[tuple[str, bool]]:
+    """(text, is_response) pieces of one record; each response is followed by end-of-text."""
+    if fmt == "instruction":
+        instruction = _text(record, "instruction", where)
+        extra = _text(record, "input", where, optional=True)
+        template = ALPACA_WITH_INPUT if extra else ALPACA_NO_INPUT
+        prompt = template.format(instruction=instruction, input=extra)
+        return [(prompt, False), (_text(record, "output", where), True)]
+    if fmt == "prompt_completion":
+        return [(_text(record, "prompt", where), False), (_text(record, "completion", where), True)]
+    messages = record.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise MiniGPT2Error(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
+    out: list[tuple[str, bool]] = []
+    pending = ""  # prompt text gathered since the last response
+    for k, message in enumerate(messages, 1):
+        at = f"{where}, message {k}"
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise MiniGPT2Error(f"{at}: role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        content = _text(message, "content", at)
+        if role == "assistant":
+            out += [(pending + _chat_header(role), False), (content, True)]
+            pending = ""
+        else:
+            pending += _chat_header(role) + content + "\n\n"
+    if not any(is_response for _, is_response in out):
+        raise MiniGPT2Error(f"{where} has no assistant message: nothing to learn from it")
+    return out
+
+
+def read_json_records(path: Path, what: str = "records") -> list:
+    """The records of a .jsonl file (one object a line) or a .json file (a list of objects)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniGPT2Error(f"cannot read {path}: {e}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            records = json.loads(text) if text.strip() else []
+        except json.JSONDecodeError as e:
+            raise MiniGPT2Error(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+        if isinstance(records, dict):
+            records = [records]
+        if not isinstance(records, list):
+            raise MiniGPT2Error(f"{path}: expected a list of records, got {type(records).__name__}")
+    else:
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise MiniGPT2Error(f"{path}: invalid JSON at line {n} ({e.msg})") from None
+    if not records:
+        raise MiniGPT2Error(f"{path} holds no {what}; it needs at least one")
+    return records
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts of a batch file: .jsonl with one {"prompt": ...} a line, or .txt, one a line."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MiniGPT2Error(f"batch file {path} not found")
+    if file.suffix.lower() == ".txt":
+        try:
+            prompts = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MiniGPT2Error(f"cannot read {file}: {e}") from None
+        if not prompts:
+            raise MiniGPT2Error(f"{file} holds no prompts; it needs at least one")
+        return prompts
+    if file.suffix.lower() != ".jsonl":
+        raise MiniGPT2Error(f"batch file {file}: use .jsonl (one {{'prompt': ...}} a line) or .txt")
+    rows = read_json_records(file, "prompts")
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise MiniGPT2Error(f"{file}: prompt {n} has no string 'prompt' field")
+    return [row["prompt"] for row in rows]
+
+
+@dataclass
+class RecordSet:
+    """Tokenized records: ids per record, which target positions count, where each came from."""
+
+    source: str
+    ids: list[np.ndarray]  # int64 token ids of the whole record
+    counted: list[np.ndarray]  # bool per token: does predicting it count in the loss
+    prompt_lengths: list[int]  # tokens before the first response token
+    numbers: list[int]  # 1-based record numbers in the file
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: range) -> RecordSet:
+        """The records at indices, in that order."""
+        pick = list(indices)
+        return RecordSet(
+            self.source,
+            [self.ids[i] for i in pick],
+            [self.counted[i] for i in pick],
+            [self.prompt_lengths[i] for i in pick],
+            [self.numbers[i] for i in pick],
+        )
+
+
+def tokenize_records(
+    records: list[dict], fmt: str, tokenizer: Tokenizer, mask_prompt: bool, source: str
+) -> RecordSet:
+    """Token ids and loss masks of records, all of one format (fmt, or detected when auto)."""
+    first = detect_format(records[0])
+    if fmt == "auto":
+        if first is None:
+            raise MiniGPT2Error(
+                f"{source}: record 1 matches no record format; fields: "
+                + "; ".join(f"{k}: {v}" for k, v in _FIELDS.items())
+            )
+        fmt = first
+    pieces, where = [], []
+    for n, record in enumerate(records, 1):
+        at = f"{source}: record {n}"
+        if not isinstance(record, dict):
+            raise MiniGPT2Error(f"{at} is a {type(record).__name__}, not an object")
+        found = detect_format(record)
+        if found is not None and found != fmt:
+            raise MiniGPT2Error(
+                f"{at} is a {found} record but the file is {fmt}; one format per file"
+            )
+        if found is None:
+            raise MiniGPT2Error(f"{at} lacks the fields of {fmt} records: {_FIELDS[fmt]}")
+        pieces.append(segments(record, fmt, at))
+        where.append(n)
+    texts = [text for record in pieces for text, _ in record]
+    encoded = iter(tokenizer.encode_batch(texts))
+    out = RecordSet(source, [], [], [], where)
+    for record in pieces:
+        ids: list[int] = []
+        counted: list[bool] = []
+        for _, is_response in record:
+            part = next(encoded) + ([tokenizer.eot_id] if is_response else [])
+            if is_response and len(out.prompt_lengths) < len(out.ids) + 1:
+                out.prompt_lengths.append(len(ids))  # the first response starts here
+            ids += part
+            counted += [is_response or not mask_prompt] * len(part)
+        out.ids.append(np.asarray(ids, dtype=np.int64))
+        out.counted.append(np.asarray(counted, dtype=bool))
+    return out
+
+
+@dataclass
+class RecordData:
+    """A record file split into training and validation records (the last val_fraction)."""
+
+    format: str
+    train: RecordSet
+    val: RecordSet
+
+
+def load_records(
+    path: str, fmt: str, tokenizer: Tokenizer, val_fraction: float, mask_prompt: bool = True
+) -> RecordData:
+    """Read, check and tokenize a record file; validation is its last val_fraction of records."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MiniGPT2Error(f"record file {path} not found")
+    records = read_json_records(file)
+    found = detect_format(records[0]) if fmt == "auto" else fmt
+    data = tokenize_records(records, fmt, tokenizer, mask_prompt, str(file))
+    n_val = max(1, round(len(records) * val_fraction))
+    if n_val >= len(records):
+        raise MiniGPT2Error(
+            f"{file}: {len(records)} record(s) leave none for training after holding out "
+            f"val_fraction={val_fraction} ({n_val}) for validation; add records"
+        )
+    cut = len(records) - n_val
+    return RecordData(found, data.subset(range(cut)), data.subset(range(cut, len(records))))
