@@ -37,18 +37,18 @@ def main() -> None:
     args = p.parse_args()
     import transformers
 
-    from minigpt2 import GPT
+    from minigpt2 import GPT, GPTConfig
     from minigpt2.generate import Generator, SamplingConfig, layout_for_decoding
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(tmp)
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-        ours = GPT.from_pretrained(tmp).eval()
+        state = GPT.from_pretrained(tmp).state_dict()
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
     n = args.new_tokens
     cfg = SamplingConfig(max_new_tokens=n, greedy=True)
-    params = ours.num_params()
+    params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
     bw = bandwidth_gbs()
     print(
         f"gpt2 shape, {params:,} parameters; batch 1, {args.prompt_tokens}-token prompt, "
@@ -58,8 +58,9 @@ def main() -> None:
     print(f"streaming read bandwidth: {bw:.1f} GB/s")
     for dtype in (torch.float32, torch.bfloat16):
         hf.to(dtype)
-        ours.to(dtype)
-        gen = Generator(layout_for_decoding(ours))
+        ours = GPT(GPTConfig.preset("gpt2")).eval()  # a fresh copy: decoding layouts are final
+        ours.load_state_dict(state)
+        gen = Generator(layout_for_decoding(ours.to(dtype)))
         bound = bw * 1e9 / (params * torch.finfo(dtype).bits / 8)
         times: dict[str, list[float]] = {"minigpt2": [], "transformers": []}
         tokens = {}

@@ -190,3 +190,67 @@ def test_each_row_stops_on_its_own():
     # with this seed the last row says 1 (end-of-text here) on its third step, the rest never
     assert [len(r) for r in rows] == [6, 6, 6, 3] and rows[3][-1] == 1
     assert stats.finish == ["length", "length", "length", "eot"]
+
+
+def test_sample_batch_file_equals_transformers_left_padded_generate(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    transformers = pytest.importorskip("transformers")
+    hf_dir = write_hf_checkpoint(
+        tmp_path / "hf",
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        vocab_size=257,
+        n_positions=64,
+        initializer_range=0.3,
+    )
+    prompts = ["Hello there, how", "ab", "The quick brown fox jumps"]  # 16, 2 and 25 bytes
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "sample.py"),
+            "--model",
+            str(hf_dir),
+            "--tokenizer",
+            "byte",
+            "--batch-file",
+            str(tmp_path / "p.jsonl"),
+            "--greedy",
+            "--max-new-tokens",
+            "16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    got = [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]
+    ids, mask = pad([list(p.encode()) for p in prompts], "left")
+    hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ref = hf.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=16,
+        min_new_tokens=16,
+        pad_token_id=0,
+    )
+    assert got == ref[:, ids.shape[1] :].tolist()
+    alone = [
+        hf.generate(
+            torch.tensor([list(p.encode())]),
+            do_sample=False,
+            max_new_tokens=16,
+            min_new_tokens=16,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
+    assert got == alone

@@ -32,6 +32,15 @@ class KVCache:
         """Forget everything stored (the buffers are reused)."""
         self.pos, self.mask, self.seen = 0, None, None
 
+    def mark_filled(self, real: torch.Tensor) -> None:
+        """Declare the first real.shape[1] columns written, with real (B, width) marking the
+        real tokens among them (a left-padded prompt batch written row by row)."""
+        width = real.shape[1]
+        self.mask = torch.zeros(self.kv.shape[2], self.kv.shape[4], dtype=torch.bool)
+        self.mask = self.mask.to(real.device)
+        self.mask[:, :width] = real
+        self.seen, self.pos = real.sum(1), width
+
 
 class CausalSelfAttention(nn.Module):
     """Multi-head self-attention where each position sees only itself and earlier positions."""

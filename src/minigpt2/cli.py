@@ -219,7 +219,7 @@ def sample_main(argv: list[str]) -> int:
         seed=args.seed,
     ).check()
     model.to(device=device, dtype=dtype)
-    gen = Generator(layout_for_decoding(model), vocab_limit=tok.vocab_size)
+    gen = Generator(layout_for_decoding(model, pack=not args.compile), vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()
     if args.batch_file:
