@@ -214,7 +214,7 @@ def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_
             str(tmp_path / "p.jsonl"),
             "--greedy",
             "--max-new-tokens",
-            "16",
+            "12",
         ],
         capture_output=True,
         text=True,
