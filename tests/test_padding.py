@@ -131,6 +131,12 @@ def test_sinusoidal_model_has_no_position_parameters():
     assert learned.num_params() - sin.num_params() == 8 * 16
     assert not any("wpe" in k for k in sin.state_dict())
     assert torch.equal(sin.transformer.wpe.table, sinusoid_table(8, 16))
+    seen = {}
+    sin.transformer.h[0].register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    idx = torch.tensor([[3, 1, 4, 1, 5]])
+    sin(idx)  # the first block sees wte * sqrt(n_embd) + table (Vaswani et al., 3.4 and 3.5)
+    expected = sin.transformer.wte.weight[idx] * 4.0 + sinusoid_table(8, 16)[:5]
+    assert torch.allclose(seen["x"], expected, atol=1e-6)
     sin.crop_block_size(4)
     assert sin(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 30)
     with pytest.raises(MiniGPT2Error, match="pos_embedding='rotary'; use learned or sinusoidal"):

@@ -184,7 +184,9 @@ def test_bad_record_files_are_one_line_and_write_nothing(tmp_path, content, mess
 
 
 def test_format_named_but_not_a_record_file(tmp_path):
-    with pytest.raises(MiniGPT2Error, match="data_format=chat reads a .json or .jsonl record"):
+    with pytest.raises(
+        MiniGPT2Error, match="data_format=chat reads a .json or .jsonl record file or an hf:NAME"
+    ):
         Trainer(parse_args(settings(tmp_path, data_format="chat")))
 
 
@@ -255,3 +257,20 @@ def test_bad_batch_files(record_run, tmp_path, name, content, message):
     result = sample("--model", str(record_run), "--batch-file", str(tmp_path / name), cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_hf_record_dataset(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    rows = completion_records()
+    write_jsonl(folder / "train.jsonl", rows)
+    spec = settings(tmp_path, data=f"hf:{folder}", val_fraction=0.25, block_size=48)
+    trainer = Trainer(parse_args([*spec, "--data_format=prompt_completion", "--dropout=0"]))
+    local = Trainer(parse_args(record_settings(tmp_path)))
+    assert trainer.evaluate()["val"] == local.evaluate()["val"]  # the same records, same model
+    missing = [*spec, "--data_format=chat", "--data=hf:no-such/dataset"]
+    with pytest.raises(MiniGPT2Error, match="cannot read dataset 'hf:no-such/dataset'"):
+        Trainer(parse_args(missing))

@@ -31,7 +31,7 @@ class GPTConfig:
     bias: bool = True  # biases in linear layers and LayerNorms, as in GPT-2
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (explicit masked softmax)
-    pos_embedding: str = "learned"  # "learned" (GPT-2's table) or "sinusoidal" (fixed, computed)
+    pos_embedding: str = "learned"  # "learned" (GPT-2's) or "sinusoidal" (fixed; Vaswani et al.)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -204,7 +204,13 @@ class GPT(nn.Module):
                 f"(block_size={self.config.block_size})"
             )
         pos, mask = self._positions_and_mask(idx, cache, attention_mask)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        tok = self.transformer.wte(idx)
+        if self.config.pos_embedding == "sinusoidal":
+            # Vaswani et al. scale token embeddings by sqrt(d_model) (section 3.4) to stand up to
+            # the table's +-1 entries; unscaled, GPT-2's 0.02-std embeddings drown in it
+            # (shakespeare_char: validation 2.44 unscaled, 1.84 scaled; BENCHMARKS.md).
+            tok = tok * math.sqrt(self.config.n_embd)
+        x = self.transformer.drop(tok + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:

@@ -244,14 +244,41 @@ class RecordData:
     val: RecordSet
 
 
+def read_hf_records(spec: str, split: str) -> list[dict]:
+    """The rows of a Hugging Face dataset split (hf:NAME[:CONFIG]) as records."""
+    name, _, config = spec[3:].partition(":")
+    try:
+        import datasets
+
+        rows = [dict(r) for r in datasets.load_dataset(name, config or None, split=split)]
+    except Exception as e:  # offline, unknown name, bad split: one line, no traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise MiniGPT2Error(
+            f"cannot read dataset {spec!r} ({first}); offline, pass a local .json or .jsonl "
+            "record file instead"
+        ) from None
+    if not rows:
+        raise MiniGPT2Error(f"dataset {spec!r} split {split!r} holds no records")
+    return rows
+
+
 def load_records(
-    path: str, fmt: str, tokenizer: Tokenizer, val_fraction: float, mask_prompt: bool = True
+    path: str,
+    fmt: str,
+    tokenizer: Tokenizer,
+    val_fraction: float,
+    mask_prompt: bool = True,
+    hf_split: str = "train",
 ) -> RecordData:
-    """Read, check and tokenize a record file; validation is its last val_fraction of records."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise MiniGPT2Error(f"record file {path} not found")
-    records = read_json_records(file)
+    """Read, check and tokenize a record file (or an hf: dataset's split); validation is its
+    last val_fraction of records."""
+    if path.startswith("hf:"):
+        records, file = read_hf_records(path, hf_split), path
+    else:
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise MiniGPT2Error(f"record file {path} not found")
+        records = read_json_records(file)
     found = detect_format(records[0]) if fmt == "auto" else fmt
     data = tokenize_records(records, fmt, tokenizer, mask_prompt, str(file))
     n_val = max(1, round(len(records) * val_fraction))

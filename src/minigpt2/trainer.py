@@ -138,11 +138,14 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
             progress=progress,
         )
         return "text", corpus
-    if not is_records_path(cfg.data):
+    if not (is_records_path(cfg.data) or cfg.data.startswith("hf:")):
         raise MiniGPT2Error(
-            f"data_format={cfg.data_format} reads a .json or .jsonl record file, not {cfg.data!r}"
+            f"data_format={cfg.data_format} reads a .json or .jsonl record file or an "
+            f"hf:NAME dataset, not {cfg.data!r}"
         )
-    data = load_records(cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt)
+    data = load_records(
+        cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt, cfg.hf_split
+    )
     return data.format, data
 
 
