@@ -154,11 +154,13 @@ def iter_documents(source: Source, errors: str = "strict") -> Iterator[tuple[str
             f"{source.spec}: no text column {source.text_column!r}; pass --text-column"
         ) from None
     except Exception as e:  # offline, unknown name, bad split: one line, no traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MiniGPT2Error(
-            f"cannot read dataset {source.spec!r} ({first}); offline, pass a local text "
-            "file or directory instead"
-        ) from None
+        raise dataset_error(source.spec, e, "a local text file or directory") from None
+
+
+def dataset_error(spec: str, error: Exception, instead: str) -> MiniGPT2Error:
+    """The one-line error for a Hugging Face dataset that could not be read."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return MiniGPT2Error(f"cannot read dataset {spec!r} ({first}); offline, pass {instead} instead")
 
 
 class _ShardWriter:

@@ -246,17 +246,15 @@ class RecordData:
 
 def read_hf_records(spec: str, split: str) -> list[dict]:
     """The rows of a Hugging Face dataset split (hf:NAME[:CONFIG]) as records."""
-    name, _, config = spec[3:].partition(":")
+    from .data import dataset_error, resolve_source
+
+    name, config = resolve_source(spec).hf
     try:
         import datasets
 
-        rows = [dict(r) for r in datasets.load_dataset(name, config or None, split=split)]
+        rows = [dict(r) for r in datasets.load_dataset(name, config, split=split)]
     except Exception as e:  # offline, unknown name, bad split: one line, no traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise MiniGPT2Error(
-            f"cannot read dataset {spec!r} ({first}); offline, pass a local .json or .jsonl "
-            "record file instead"
-        ) from None
+        raise dataset_error(spec, e, "a local .json or .jsonl record file") from None
     if not rows:
         raise MiniGPT2Error(f"dataset {spec!r} split {split!r} holds no records")
     return rows
