@@ -251,3 +251,19 @@ def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_
         for p in prompts
     ]
     assert got == alone
+
+
+def test_prefill_never_reads_unwritten_cache_memory(hf_dir):
+    from minigpt2.generate import Generator
+
+    gen = Generator(GPT.from_pretrained(hf_dir))
+    prompts = sequences()
+    ids, mask = pad(prompts, "left")
+    cache = KVCache(gen.model.config, len(prompts), 32, "cpu", torch.float32)
+    cache.kv.fill_(float("nan"))  # what fresh memory may hold
+    with torch.inference_mode():
+        first = gen.prefill(ids, mask.bool(), cache)
+        nxt = gen.logits(first.argmax(-1)[:, None], cache)
+        alone = [gen.model(torch.tensor([p]))[0, -1] for p in prompts]
+    assert torch.isfinite(nxt).all()
+    assert torch.allclose(first, torch.stack(alone), atol=1e-5, rtol=0)

@@ -157,7 +157,8 @@ def test_record_run_resumes_exactly_and_evaluates_every_record(tmp_path):
         ('{"prompt": "a"}\n', "records.jsonl: record 1 matches no record format"),
         (
             '{"prompt": "a", "completion": "b"}\n{"instruction": "x", "output": "y"}\n',
-            "records.jsonl: record 2 is a instruction record but the file is prompt_completion",
+            "records.jsonl: record 2 has the fields of instruction records but the file holds "
+            "prompt_completion records",
         ),
         (
             '{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
@@ -250,11 +251,14 @@ def test_batch_file_writes_one_object_per_prompt_in_order(record_run, tmp_path):
         ("p.jsonl", '{"text": "a"}\n', "p.jsonl: prompt 1 has no string 'prompt' field"),
         ("p.txt", "\n\n", "p.txt holds no prompts"),
         ("p.csv", "a\n", "use .jsonl"),
+        ("p.txt", "a\n", "not both"),
     ],
 )
 def test_bad_batch_files(record_run, tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
-    result = sample("--model", str(record_run), "--batch-file", str(tmp_path / name), cwd=tmp_path)
+    both = ["--prompt", "x"] if message == "not both" else []
+    args = ["--model", str(record_run), "--batch-file", str(tmp_path / name), *both]
+    result = sample(*args, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
 

@@ -105,7 +105,11 @@ def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
 
 class Sampler:
     """Draws a step's global batch from (seed, stream, step) alone, never from earlier calls:
-    a resumed run sees the same data, and the ranks of a distributed run slice one batch."""
+    a resumed run sees the same data, and the ranks of a distributed run slice one batch.
+
+    A sampler also tells a step's sizes (for throughput and token-weighted accumulation) and
+    serves evaluation batches: sizes(), eval_batches() and eval_batch() below its subclasses.
+    """
 
     def picks(self, step: int, global_count: int) -> list | np.ndarray:
         """What the step's global batch is made of (window offsets, record indices)."""

@@ -195,6 +195,10 @@ def sample_main(argv: list[str]) -> int:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     model, header = load_model(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer)
+    if args.batch_file and (args.prompt or args.prompt_file):
+        raise MiniGPT2Error(
+            "give prompts with --batch-file or with --prompt/--prompt-file, not both"
+        )
     texts = read_prompts(args.batch_file) if args.batch_file else [_read_prompt(args)]
     fmt = (header or {}).get("data_format", "text")
     template = fmt in RECORD_FORMATS and not args.raw  # as the model saw prompts in training

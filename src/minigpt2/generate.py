@@ -127,6 +127,9 @@ class Generator:
         each row's next-token logits. Rows of one length run together, so no padding is ever
         computed: with 8 prompts of 5-100 tokens that is 319 token positions instead of 800."""
         lengths, width = real.sum(1), ids.shape[1]
+        # Padding columns are never written below, and masked attention still multiplies
+        # their values by 0: fresh memory there could hold NaN, and 0 * NaN is NaN.
+        cache.kv[:, :, :, :, :width] = 0
         last = torch.empty(ids.shape[0], self.model.config.n_embd, device=ids.device)
         for n in lengths.unique().tolist():
             rows = (lengths == n).nonzero().flatten()

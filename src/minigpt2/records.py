@@ -212,7 +212,8 @@ def tokenize_records(
         found = detect_format(record)
         if found is not None and found != fmt:
             raise MiniGPT2Error(
-                f"{at} is a {found} record but the file is {fmt}; one format per file"
+                f"{at} has the fields of {found} records but the file holds {fmt} records; "
+                "one format per file"
             )
         if found is None:
             raise MiniGPT2Error(f"{at} lacks the fields of {fmt} records: {_FIELDS[fmt]}")

@@ -160,7 +160,7 @@ def sample_text(trainer) -> str:
     prompt = tok.encode(cfg.sample_prompt) or [tok.eot_id]
     records = trainer.data_format != "text"
     if records:
-        val = trainer.eval_batches["val"]
+        val = trainer.eval_samplers["val"]
         prompt = val.ids[0][: val.prompt_lengths[0]].tolist() or [tok.eot_id]
     sampling = SamplingConfig(
         max_new_tokens=cfg.sample_tokens,

@@ -217,20 +217,20 @@ class Trainer:
         self.data_note = None  # a line about the data for the start of the run
         if self.data_format == "text":
             self.train_batches = Batches(data.train, mc.block_size, cfg.seed, 0, "train")
-            self.eval_batches = {
+            self.eval_samplers = {
                 s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
                 for s, n in EVAL_STREAMS.items()
             }
         else:  # every validation record is scored at every evaluation
             self.train_batches = RecordBatches(data.train, mc.block_size, cfg.seed, 0)
-            self.eval_batches = {
+            self.eval_samplers = {
                 s: RecordBatches(getattr(data, s), mc.block_size, cfg.seed, n, s == "val")
                 for s, n in EVAL_STREAMS.items()
             }
             self.data_note = (
                 f"{len(data.train):,} training and {len(data.val):,} validation records "
                 f"({self.data_format}) from {cfg.data}; "
-                f"{self.train_batches.cut + self.eval_batches['val'].cut} longer than "
+                f"{self.train_batches.cut + self.eval_samplers['val'].cut} longer than "
                 f"block_size+1 = {mc.block_size + 1} tokens were cut at the end"
             )
         self.tokens_seen = 0  # real input tokens trained on in this process's run
@@ -323,7 +323,7 @@ class Trainer:
         self.net.eval()
         out = {}
         bs, iters, world = self.cfg.batch_size, self.cfg.eval_iters, self.dist.world_size
-        for split, batches in self.eval_batches.items():
+        for split, batches in self.eval_samplers.items():
             total = torch.zeros(2, device=self.device)  # (summed loss, counted targets)
             n = batches.eval_batches(bs, iters)
             rounds = -(-n // world)  # equal on every rank, as FSDP needs
