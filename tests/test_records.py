@@ -205,7 +205,7 @@ def sample(*args, cwd):
 
 
 def test_sampling_a_record_model_uses_its_template_and_stops_at_eot(record_run, tmp_path):
-    from minigpt2.cli import load_model
+    from minigpt2.checkpoint import load_any
     from minigpt2.generate import Generator, SamplingConfig
     from minigpt2.records import ALPACA_NO_INPUT
 
@@ -213,7 +213,7 @@ def test_sampling_a_record_model_uses_its_template_and_stops_at_eot(record_run, 
     wrapped = sample(*common, "--max-new-tokens", "60", cwd=tmp_path)
     raw = sample(*common, "--max-new-tokens", "60", "--raw", cwd=tmp_path)
     assert wrapped.returncode == 0 and raw.returncode == 0, wrapped.stderr + raw.stderr
-    gen = Generator(load_model(str(record_run))[0])
+    gen = Generator(load_any(str(record_run))[0])
     text = ALPACA_NO_INPUT.format(instruction="Add 3 and 3.")
     stop = SamplingConfig(max_new_tokens=60, greedy=True, stop_at_eot=True, eot_id=256)
     expected = gen.generate([BYTE.encode(text)], stop)[0]

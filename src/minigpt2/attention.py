@@ -32,6 +32,15 @@ class KVCache:
         """Forget everything stored (the buffers are reused)."""
         self.pos, self.mask, self.seen = 0, None, None
 
+    def select_rows(self, rows: torch.Tensor) -> KVCache:
+        """A new cache holding copies of these rows (repeats allowed: one context, several
+        continuations), with the same room left."""
+        out = KVCache.__new__(KVCache)
+        out.kv, out.pos = self.kv[:, :, rows], self.pos
+        out.mask = None if self.mask is None else self.mask[rows]
+        out.seen = None if self.seen is None else self.seen[rows]
+        return out
+
     def mark_filled(self, real: torch.Tensor) -> None:
         """Declare the first real.shape[1] columns written, with real (B, width) marking the
         real tokens among them (a left-padded prompt batch written row by row)."""

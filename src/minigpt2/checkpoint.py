@@ -190,3 +190,31 @@ def load_model(path: Path, **overrides):
     model = GPT(GPTConfig.from_dict({**header["model_config"], **overrides}))
     load_model_tensors(model, tensors)
     return model, header
+
+
+def load_any(spec: str, which: str = "best"):
+    """(model, checkpoint header or None) from what --model takes: a training out_dir, a
+    checkpoint file, a released-layout directory or a preset name."""
+    from .pretrained import load_pretrained
+
+    path = find_checkpoint(spec, which)
+    if path is not None:
+        return load_model(path)
+    return load_pretrained(spec), None
+
+
+def tokenizer_for(header: dict | None, override: str | None = None):
+    """The tokenizer a checkpoint was trained with (or override; gpt2 for released weights)."""
+    from .tokenizer import get_tokenizer
+
+    if override or header is None:
+        return get_tokenizer(override or "gpt2")
+    saved = header.get("tokenizer_spec", header["tokenizer"])
+    usable = saved in ("byte", "gpt2") or Path(saved).is_file()
+    tokenizer = get_tokenizer(saved if usable else header["tokenizer"])
+    if tokenizer.fingerprint != header["tokenizer_hash"]:
+        raise MiniGPT2Error(
+            f"the checkpoint was trained with tokenizer {header['tokenizer']!r}"
+            "; pass it with --tokenizer"
+        )
+    return tokenizer

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from .checkpoint import load_any, tokenizer_for
 from .errors import MiniGPT2Error
 
 
@@ -112,37 +113,6 @@ def _read_prompt(args) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def load_model(spec: str, which: str = "best"):
-    """(model, checkpoint header or None) from an out_dir, a checkpoint file, a released-layout
-    directory or a preset name."""
-    from . import checkpoint as ckpt
-    from .pretrained import load_pretrained
-
-    path = ckpt.find_checkpoint(spec, which)
-    if path is not None:
-        return ckpt.load_model(path)
-    return load_pretrained(spec), None
-
-
-def tokenizer_for(header: dict | None, override: str | None):
-    """The tokenizer a checkpoint was trained with (or override; gpt2 for released weights)."""
-    from pathlib import Path
-
-    from .tokenizer import get_tokenizer
-
-    if override or header is None:
-        return get_tokenizer(override or "gpt2")
-    saved = header.get("tokenizer_spec", header["tokenizer"])
-    usable = saved in ("byte", "gpt2") or Path(saved).is_file()
-    tokenizer = get_tokenizer(saved if usable else header["tokenizer"])
-    if tokenizer.fingerprint != header["tokenizer_hash"]:
-        raise MiniGPT2Error(
-            f"the checkpoint was trained with tokenizer {header['tokenizer']!r}"
-            "; pass it with --tokenizer"
-        )
-    return tokenizer
-
-
 def export_main(argv: list[str]) -> int:
     """`python -m minigpt2.pretrained export SOURCE DEST`: write the released GPT-2 layout."""
     import argparse
@@ -158,7 +128,7 @@ def export_main(argv: list[str]) -> int:
     p.add_argument("dest", help="directory to write (created if needed)")
     p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
     args = p.parse_args(argv)
-    model, header = load_model(args.source, args.checkpoint)
+    model, header = load_any(args.source, args.checkpoint)
     eot = None
     if header is not None:
         eot = {"byte": 256, "gpt2": 50256}.get(header["tokenizer"])
@@ -193,7 +163,7 @@ def sample_main(argv: list[str]) -> int:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    model, header = load_model(args.model, args.checkpoint)
+    model, header = load_any(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer)
     if args.batch_file and (args.prompt or args.prompt_file):
         raise MiniGPT2Error(

@@ -196,14 +196,16 @@ class GPT(nn.Module):
         the earlier ones). Padded keys are never attended and positions count real tokens
         only (cumsum - 1, as transformers' generate), so left padding shifts nothing.
         """
-        B, T = idx.shape
-        past = cache.pos if cache is not None else 0
-        if past + T > self.config.block_size:
+        pos, mask = self._positions_and_mask(idx, cache, attention_mask)
+        # With padding, rows hold fewer real tokens than there are columns: positions decide.
+        length = (cache.pos if cache is not None else 0) + idx.shape[1]
+        if mask is not None:
+            length = int(pos.max()) + 1
+        if length > self.config.block_size:
             raise MiniGPT2Error(
-                f"sequence of {past + T} tokens is longer than the model's context "
+                f"sequence of {length} tokens is longer than the model's context "
                 f"(block_size={self.config.block_size})"
             )
-        pos, mask = self._positions_and_mask(idx, cache, attention_mask)
         tok = self.transformer.wte(idx)
         if self.config.pos_embedding == "sinusoidal":
             # Vaswani et al. scale token embeddings by sqrt(d_model) (section 3.4) to stand up to
@@ -214,7 +216,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, mask)
         if cache is not None:
-            cache.pos += T
+            cache.pos += idx.shape[1]
         return self.transformer.ln_f(x)
 
     def _positions_and_mask(self, idx, cache: KVCache | None, attention_mask):
