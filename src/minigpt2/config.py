@@ -60,6 +60,8 @@ class TrainConfig:
     # evaluation, logging, checkpoints
     eval_interval: int = 250  # steps between evaluations (and always at the end)
     eval_iters: int = 20  # batches per split per evaluation
+    hellaswag: str = ""  # HellaSwag JSONL or hf:Rowan/hellaswag, scored at every evaluation
+    hellaswag_examples: int = 0  # how many of its examples (0 = all)
     log_interval: int = 10  # steps between metrics.jsonl lines
     checkpoint_interval: int = 250  # steps between checkpoints (and always at the end)
     sample_tokens: int = 200  # tokens sampled from the final model (0 = none)
@@ -101,7 +103,8 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must be at least 1")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "n_layer", "n_head", "n_embd"):
+        keys = ("max_iters", "warmup_iters", "lr_decay_iters", "n_layer", "n_head", "n_embd")
+        for key in (*keys, "hellaswag_examples"):
             if getattr(self, key) < 0:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
         if not 0 <= self.min_lr <= self.learning_rate:

@@ -202,17 +202,33 @@ def _check_example(row, at: str) -> None:
     row["label"] = label
 
 
-def hellaswag(model: GPT, tokenizer, examples: list[dict], batch_size: int = 8, progress=None):
-    """HellaSwag as llm.c scores it: each ending is " " + ending after the context, acc picks
-    the lowest summed loss, acc_norm the lowest mean loss per token."""
-    groups = [
+def hellaswag_groups(tokenizer, examples: list[dict]) -> list[Group]:
+    """Each example as its context and endings, tokenized as llm.c does: " " + ending."""
+    return [
         (tokenizer.encode(ex["ctx"]), [tokenizer.encode(" " + e) for e in ex["endings"]])
         for ex in examples
     ]
+
+
+def hellaswag_correct(
+    model: GPT, groups: list[Group], labels: list[int], batch_size: int = 8, progress=None
+) -> tuple[int, int]:
+    """(right by summed loss, right by mean loss per token) over the examples."""
     scores = score_continuations(model, groups, batch_size, progress)
     acc = acc_norm = 0
-    for ex, endings in zip(examples, scores, strict=True):
-        acc += int(np.argmax([s.logprob for s in endings])) == ex["label"]
-        acc_norm += int(np.argmax([s.logprob / s.tokens for s in endings])) == ex["label"]
+    for label, endings in zip(labels, scores, strict=True):
+        acc += int(np.argmax([s.logprob for s in endings])) == label
+        acc_norm += int(np.argmax([s.logprob / s.tokens for s in endings])) == label
+    return acc, acc_norm
+
+
+def hellaswag(model: GPT, tokenizer, examples: list[dict], batch_size: int = 8, progress=None):
+    """HellaSwag as llm.c scores it: each ending is " " + ending after the context, acc picks
+    the lowest summed loss, acc_norm the lowest mean loss per token. (lm-eval's acc_norm
+    divides by the ending's length in bytes instead.)"""
+    labels = [ex["label"] for ex in examples]
+    acc, acc_norm = hellaswag_correct(
+        model, hellaswag_groups(tokenizer, examples), labels, batch_size, progress
+    )
     n = len(examples)
     return {"examples": n, "acc": acc / n, "acc_norm": acc_norm / n}

@@ -75,7 +75,7 @@ class Reporter:
     def log(self, it: int, loss: float, lr: float, evals: dict) -> None:
         """Record step it: throughput since the last log (evaluation time excluded)."""
         now = time.perf_counter()
-        steps, seconds = it - self.mark[0], now - self.mark[2]
+        steps, seconds = it - self.mark[0], now - self.mark[2] - evals.get("eval_seconds", 0.0)
         tokens = self.t.tokens_seen - self.mark[1]
         tps = tokens / seconds if seconds > 0 and steps else 0.0
         mfu = tps * self.flops_per_token / self.peak if self.peak and tps else None
@@ -91,6 +91,7 @@ class Reporter:
             }
             if evals:
                 row |= {"eval_train_loss": evals["train_loss"], "val_ppl": evals["val_ppl"]}
+                row |= {k: v for k, v in evals.items() if k.startswith(("hellaswag", "eval_s"))}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.bar is not None:
@@ -101,9 +102,11 @@ class Reporter:
                     mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
                 )
             if evals:
+                hs = evals.get("hellaswag_acc_norm")
                 self.say(
                     f"step {it}: train {evals['train_loss']:.4f}, val "
                     f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})"
+                    + (f", hellaswag acc_norm {hs:.4f}" if hs is not None else "")
                 )
         self.mark = (it, self.t.tokens_seen, time.perf_counter())
 
@@ -143,7 +146,19 @@ def plot_losses(metrics: Path, out: Path) -> bool:
     val = [r for r in rows if r.get("val_loss") is not None]
     ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=out.parent.name)
-    ax.legend()
+    ax.legend(loc="upper left")
+    hs = [r for r in rows if r.get("hellaswag_acc_norm") is not None]
+    if hs:  # accuracy on its own axis, on the right
+        right = ax.twinx()
+        right.plot(
+            [r["iter"] for r in hs],
+            [r["hellaswag_acc_norm"] for r in hs],
+            "s-",
+            color="tab:green",
+            label="HellaSwag acc_norm",
+        )
+        right.set_ylabel("HellaSwag acc_norm")
+        right.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=100)

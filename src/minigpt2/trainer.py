@@ -234,6 +234,7 @@ class Trainer:
                 f"block_size+1 = {mc.block_size + 1} tokens were cut at the end"
             )
         self.tokens_seen = 0  # real input tokens trained on in this process's run
+        self.hellaswag = self._read_hellaswag() if cfg.hellaswag else None
         self.model.to(self.device)
         self.fsdp = cfg.fsdp
         self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
@@ -245,6 +246,18 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.out_dir = Path(cfg.out_dir)
+
+    def _read_hellaswag(self) -> tuple[list, list[int]]:
+        """HellaSwag's examples, tokenized once, and their labels."""
+        from .evaluate import hellaswag_groups, read_hellaswag
+
+        if self.cfg.fsdp:
+            raise MiniGPT2Error(
+                "hellaswag during training does not run with fsdp=true; score a checkpoint "
+                "with python -m minigpt2 eval --task hellaswag"
+            )
+        examples = read_hellaswag(self.cfg.hellaswag, self.cfg.hellaswag_examples or None)
+        return hellaswag_groups(self.tokenizer, examples), [ex["label"] for ex in examples]
 
     def _restore(self, header: dict, tensors: dict) -> None:
         state = ckpt.optimizer_state(tensors, self.param_names)
@@ -335,8 +348,25 @@ class Trainer:
                 total += torch.stack([loss * b.counted, torch.ones_like(loss) * b.counted]) * real
             total = mean_across_ranks(total, self.dist)  # the ratio is what matters
             out[split] = (total[0] / total[1]).item()
+        if self.hellaswag is not None:
+            out |= self._hellaswag()
         self.net.train()
         return out
+
+    def _hellaswag(self) -> dict[str, float]:
+        """HellaSwag acc and acc_norm; rank r scores examples r, r + world, ..."""
+        from .evaluate import hellaswag_correct
+
+        groups, labels = self.hellaswag
+        mine = slice(self.dist.rank, None, self.dist.world_size)
+        with autocast(self.device, self.dtype):
+            right = hellaswag_correct(self.model, groups[mine], labels[mine], self.cfg.batch_size)
+        counts = torch.tensor(right, dtype=torch.float64, device=self.device)
+        counts = mean_across_ranks(counts, self.dist) * self.dist.world_size
+        return {
+            "hellaswag_acc": counts[0].item() / len(labels),
+            "hellaswag_acc_norm": counts[1].item() / len(labels),
+        }
 
     def _batch(self, step: int, micro: int) -> Batch:
         """This rank's micro-batch `micro` of the step's global training batch."""
@@ -387,9 +417,8 @@ class Trainer:
         clean = False
         try:
             if self.cfg.eval_only:
-                losses = self.evaluate()
                 clean = True
-                return {"eval_only": True, **self._losses(losses)}
+                return {"eval_only": True, **self._evaluation()}
             reporter = Reporter(self)
             with Interrupted() as interrupted:
                 try:
@@ -408,13 +437,17 @@ class Trainer:
         finally:
             shutdown(self.dist, wait_for_all=clean)
 
-    @staticmethod
-    def _losses(losses: dict) -> dict:
-        return {
-            "train_loss": losses["train"],
-            "val_loss": losses["val"],
-            "val_ppl": math.exp(min(losses["val"], 50.0)),
+    def _evaluation(self) -> dict:
+        """evaluate() as a run reports it, with the seconds it took."""
+        t0 = time.perf_counter()
+        result = self.evaluate()
+        out = {
+            "train_loss": result["train"],
+            "val_loss": result["val"],
+            "val_ppl": math.exp(min(result["val"], 50.0)),
         }
+        out |= {k: v for k, v in result.items() if k.startswith("hellaswag")}
+        return out | {"eval_seconds": time.perf_counter() - t0}
 
     def _loop(self, reporter, interrupted: Interrupted) -> dict:
         cfg = self.cfg
@@ -436,7 +469,7 @@ class Trainer:
                         "grad_clip)"
                     )
             if log:
-                last_eval = self._losses(self.evaluate()) if evaluate else {}
+                last_eval = self._evaluation() if evaluate else {}
                 reporter.log(self.iter, value, lr_at(self.iter - 1, cfg), last_eval)
                 if last_eval and last_eval["val_loss"] < self.best_val:
                     self.best_val = last_eval["val_loss"]

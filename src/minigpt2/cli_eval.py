@@ -1,0 +1,141 @@
+"""The command lines that measure a model: `python -m minigpt2 eval` and `... lm-eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+from .errors import MiniGPT2Error
+
+TASKS = ("perplexity", "hellaswag")
+HELLASWAG_HF = "hf:Rowan/hellaswag"
+
+
+def _eval_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m minigpt2 eval",
+        description="Measure a model: sliding-window perplexity of a text, or HellaSwag.",
+    )
+    p.add_argument("--model", required=True, help="what sample.py --model takes")
+    p.add_argument("--checkpoint", default="best", help="best or latest, for an out_dir")
+    p.add_argument("--task", required=True, help=f"{' or '.join(TASKS)}")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="perplexity: a file, directory, glob, stdlib, hf:NAME or prepared directory; "
+        f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF})",
+    )
+    p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--stride", type=int, default=None, help="default: half the context")
+    p.add_argument("--split", default="all", help="all, or val: a corpus' validation split")
+    p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
+    p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
+    p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    """`python -m minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
+    from .checkpoint import load_any, tokenizer_for
+    from .device import resolve_device, resolve_dtype
+
+    args = _eval_parser().parse_args(argv)
+    if args.task not in TASKS:
+        raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+    if args.split not in ("all", "val"):
+        raise MiniGPT2Error(f"--split={args.split!r}; use all or val")
+    for name in ("batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise MiniGPT2Error(f"--{name.replace('_', '-')}={value} must be at least 1")
+    if args.task == "perplexity" and not args.data:
+        raise MiniGPT2Error("--task perplexity needs --data (a text file, directory, ...)")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    model, header = load_any(args.model, args.checkpoint)
+    tok = tokenizer_for(header, args.tokenizer)
+    model.to(device=device, dtype=dtype).eval()
+    run = _perplexity if args.task == "perplexity" else _hellaswag
+    result = {"task": args.task, "model": args.model, **run(model, tok, args)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n".join(f"{k:<16} {_shown(v)}" for k, v in result.items()))
+    return 0
+
+
+def _shown(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _bar(total: int, unit: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc="scoring")
+
+
+def _perplexity(model, tok, args) -> dict:
+    """Tokens, mean NLL, perplexity and bits per byte of the text under sliding windows."""
+    import numpy as np
+
+    from .batches import open_corpus
+    from .evaluate import perplexity, perplexity_windows
+
+    data = open_corpus(
+        args.data,
+        tok,
+        cache_dir=args.data_cache,
+        hf_split=args.hf_split,
+        text_column=args.text_column,
+        progress=True,
+    )
+    parts = [data.val] if args.split == "val" else [data.train, data.val]
+    tokens = np.concatenate([p.window(0, len(p)) for p in parts if len(p)] or [np.zeros(0, int)])
+    stride = args.stride if args.stride is not None else model.config.block_size // 2
+    windows = perplexity_windows(len(tokens), model.config.block_size, stride)  # checks first
+    with _bar(len(windows), "window") as bar:
+        result = perplexity(model, tokens.astype(np.int64), stride, args.batch_size, bar.update)
+    text_bytes = len(tok.decode_bytes([int(t) for t in tokens if t != tok.eot_id]))
+    return {
+        "data": args.data,
+        "split": args.split,
+        "stride": stride,
+        "context": model.config.block_size,
+        "tokens": result["tokens"],
+        "nll": result["nll"],
+        "perplexity": result["perplexity"],
+        "bits_per_byte": result["nll_sum"] / math.log(2) / max(text_bytes, 1),
+    }
+
+
+def _hellaswag(model, tok, args) -> dict:
+    """Examples, acc and acc_norm (fractions), llm.c's way."""
+    from .evaluate import hellaswag, read_hellaswag
+
+    data = args.data or HELLASWAG_HF
+    examples = read_hellaswag(data, args.limit)
+    with _bar(len(examples), "example") as bar:
+        result = hellaswag(model, tok, examples, args.batch_size, bar.update)
+    return {"data": data, **result}
+
+
+def lm_eval_main(argv: list[str]) -> int:
+    """`python -m minigpt2 lm-eval --model_args pretrained=M --tasks ...`: the harness's own
+    command line with the model set to minigpt2; every other option is the harness's."""
+    if any(a == "--model" or a.startswith("--model=") for a in argv):
+        raise MiniGPT2Error("the model is minigpt2: give yours as --model_args pretrained=PATH")
+
+    from .harness import run_harness_cli
+
+    run_harness_cli(["run", "--model", "minigpt2", *argv])
+    return 0
