@@ -42,3 +42,18 @@ def hf_tiny(tmp_path: Path) -> Path:
     return write_hf_checkpoint(
         tmp_path / "hf-tiny", n_layer=2, n_head=2, n_embd=64, vocab_size=300, n_positions=64
     )
+
+
+def write_wide_byte_checkpoint(directory: Path, n_positions: int, **extra) -> Path:
+    """Random released-layout weights for the byte tokenizer (257 ids). The wide init (0.3)
+    makes logits far from uniform, so a wrong mask, position or score shows."""
+    return write_hf_checkpoint(
+        directory,
+        n_layer=2,
+        n_head=4,
+        n_embd=64,
+        vocab_size=257,
+        n_positions=n_positions,
+        initializer_range=0.3,
+        **extra,
+    )

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import write_hf_checkpoint
+from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, MiniGPT2Error
 from minigpt2.evaluate import hellaswag, perplexity, read_hellaswag
@@ -23,18 +23,8 @@ WORDS = "the a man woman dog runs jumps over under table kitchen then slowly qui
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """Random GPT-2 weights in the released layout: byte vocabulary, 64 positions, wide init."""
-    return write_hf_checkpoint(
-        tmp_path_factory.mktemp("hf") / "wide",
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        vocab_size=257,
-        n_positions=64,
-        initializer_range=0.3,
-        bos_token_id=256,
-        eos_token_id=256,
-    )
+    path = tmp_path_factory.mktemp("hf") / "wide"  # end-of-text (256) ends lm-eval generations
+    return write_wide_byte_checkpoint(path, 64, bos_token_id=256, eos_token_id=256)
 
 
 def guide_perplexity(hf, ids: torch.Tensor, stride: int, count_scored: bool) -> float:

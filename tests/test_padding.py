@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
+from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.model import KVCache, sinusoid_table
@@ -15,16 +15,7 @@ LENGTHS = [7, 3, 11, 1]  # different lengths, one of them a single token
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    # A wide init (0.3) makes logits far from uniform, so a wrong mask or position shows.
-    return write_hf_checkpoint(
-        tmp_path_factory.mktemp("hf") / "wide",
-        n_layer=2,
-        n_head=4,
-        n_embd=64,
-        vocab_size=257,  # the byte tokenizer's, so sample.py can run it too
-        n_positions=32,
-        initializer_range=0.3,
-    )
+    return write_wide_byte_checkpoint(tmp_path_factory.mktemp("hf") / "wide", n_positions=32)
 
 
 def sequences(vocab: int = 257) -> list[list[int]]:
