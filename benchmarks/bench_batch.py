@@ -22,11 +22,11 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     args = p.parse_args()
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig, layout_for_decoding
+    from minigpt2.generate import Generator, SamplingConfig, layout_for_inference
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2")).to(getattr(torch, args.dtype)).eval()
-    gen = Generator(layout_for_decoding(model))
+    gen = Generator(layout_for_inference(model))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True)

@@ -38,7 +38,7 @@ def main() -> None:
     import transformers
 
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig, layout_for_decoding
+    from minigpt2.generate import Generator, SamplingConfig, layout_for_inference
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +60,7 @@ def main() -> None:
         hf.to(dtype)
         ours = GPT(GPTConfig.preset("gpt2")).eval()  # a fresh copy: decoding layouts are final
         ours.load_state_dict(state)
-        gen = Generator(layout_for_decoding(ours.to(dtype)))
+        gen = Generator(layout_for_inference(ours.to(dtype)))
         bound = bw * 1e9 / (params * torch.finfo(dtype).bits / 8)
         times: dict[str, list[float]] = {"minigpt2": [], "transformers": []}
         tokens = {}

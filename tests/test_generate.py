@@ -297,14 +297,14 @@ def test_cli_prompt_longer_than_context_keeps_its_end(byte_run, tmp_path):
 def test_decoding_layout_keeps_logits_and_tokens(pack):
     import copy
 
-    from minigpt2.generate import PackedLinear, layout_for_decoding
+    from minigpt2.generate import PackedLinear, layout_for_inference
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=64))
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(10)  # logits far from uniform: a layout that changed numbers would show
-    laid_out = layout_for_decoding(copy.deepcopy(model).eval(), pack=pack)
+    laid_out = layout_for_inference(copy.deepcopy(model).eval(), pack=pack)
     packed = any(isinstance(m, PackedLinear) for m in laid_out.modules())
     assert packed == (pack and torch.backends.mkldnn.is_available())
     idx = torch.randint(0, 101, (3, 20))

@@ -154,7 +154,7 @@ def _prompt_ids(tok, text: str, block: int) -> list[int]:
 def sample_main(argv: list[str]) -> int:
     """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
     from .device import resolve_device, resolve_dtype
-    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_decoding
+    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_inference
     from .records import RECORD_FORMATS, read_prompts, wrap_prompt
 
     args = _sample_parser().parse_args(argv)
@@ -193,7 +193,7 @@ def sample_main(argv: list[str]) -> int:
         seed=args.seed,
     ).check()
     model.to(device=device, dtype=dtype)
-    gen = Generator(layout_for_decoding(model, pack=not args.compile), vocab_limit=tok.vocab_size)
+    gen = Generator(layout_for_inference(model, pack=not args.compile), vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()
     if args.batch_file:

@@ -46,6 +46,7 @@ def eval_main(argv: list[str]) -> int:
     """`python -m minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
     from .checkpoint import load_any, tokenizer_for
     from .device import resolve_device, resolve_dtype
+    from .generate import layout_for_inference
 
     args = _eval_parser().parse_args(argv)
     if args.task not in TASKS:
@@ -62,7 +63,7 @@ def eval_main(argv: list[str]) -> int:
     dtype = resolve_dtype(args.dtype, device)
     model, header = load_any(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer)
-    model.to(device=device, dtype=dtype).eval()
+    layout_for_inference(model.to(device=device, dtype=dtype).eval())
     run = _perplexity if args.task == "perplexity" else _hellaswag
     result = {"task": args.task, "model": args.model, **run(model, tok, args)}
     if args.json:

@@ -22,6 +22,7 @@ from .errors import MiniGPT2Error
 from .model import GPT, KVCache
 
 HEAD_CHUNK = 1024  # positions whose logits exist at once (1024 x 50257 float32 = 206 MB)
+ROWS_PER_PASS = 16  # continuations per forward pass, sorted by length: little padding
 
 
 class Score(NamedTuple):
@@ -54,7 +55,9 @@ def _fit(group: Group, block: int) -> list[Group]:
 
 @torch.inference_mode()
 def _score_batch(model: GPT, groups: list[Group]) -> list[list[Score]]:
-    """Scores of one batch of groups (each fitting the context window)."""
+    """Scores of one batch of groups (each fitting the context window): the contexts run once
+    into a cache, then the continuations, shortest first, ROWS_PER_PASS rows a pass so that
+    each pass pads little."""
     from .generate import Generator
 
     device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
@@ -66,21 +69,38 @@ def _score_batch(model: GPT, groups: list[Group]) -> list[list[Score]]:
         ids[i, width - len(ctx) :], real[i, width - len(ctx) :] = torch.tensor(ctx), True
     cache = KVCache(model.config, len(groups), width + longest, device, dtype)
     first = Generator(model).prefill(ids, real, cache)  # (groups, V): each context's next token
-    rows = torch.tensor([g for g, (_, conts) in enumerate(groups) for _ in conts], device=device)
+    rows = [g for g, (_, conts) in enumerate(groups) for _ in conts]
     conts = [t for _, cs in groups for t in cs]
+    scores: list = [None] * len(conts)
+    order = sorted(range(len(conts)), key=lambda r: len(conts[r]))
+    for start in range(0, len(order), ROWS_PER_PASS):
+        part = order[start : start + ROWS_PER_PASS]
+        done = _score_rows(model, cache, first, [rows[r] for r in part], [conts[r] for r in part])
+        for r, score in zip(part, done, strict=True):
+            scores[r] = score
+    out, k = [], 0
+    for _, cs in groups:
+        out.append(scores[k : k + len(cs)])
+        k += len(cs)
+    return out
+
+
+def _score_rows(model: GPT, cache, first, ctx_rows: list[int], conts: list[list[int]]):
+    """Scores of continuations after the cached contexts ctx_rows (first: their logits)."""
+    device = first.device
+    index = torch.tensor(ctx_rows, device=device)
+    longest = max(map(len, conts))
     targets = torch.full((len(conts), longest), -1, dtype=torch.long, device=device)
     for r, t in enumerate(conts):
         targets[r, : len(t)] = torch.tensor(t)
-    hidden = None
-    if longest > 1:  # continuation tokens but each row's last are inputs, right-padded
-        inputs = targets[:, :-1].clamp(min=0)
-        hidden = model.hidden_states(inputs, cache.select_rows(rows), targets[:, 1:] >= 0)
     nll = torch.zeros_like(targets, dtype=torch.float32)
     hit = torch.ones_like(targets, dtype=torch.bool)
-    logits0 = first[rows].float()
+    logits0 = first[index].float()
     nll[:, 0] = F.cross_entropy(logits0, targets[:, 0], reduction="none")
     hit[:, 0] = logits0.argmax(-1) == targets[:, 0]
-    if hidden is not None:
+    if longest > 1:  # continuation tokens but each row's last are inputs, right-padded
+        inputs = targets[:, :-1].clamp(min=0)
+        hidden = model.hidden_states(inputs, cache.select_rows(index), targets[:, 1:] >= 0)
         where = (targets[:, 1:] >= 0).nonzero()  # only positions that are scored
         for start in range(0, len(where), HEAD_CHUNK):
             r, j = where[start : start + HEAD_CHUNK].unbind(1)
@@ -90,12 +110,7 @@ def _score_batch(model: GPT, groups: list[Group]) -> list[list[Score]]:
     counted = targets >= 0
     sums = (nll.double() * counted).sum(1).tolist()
     greedy = (hit | ~counted).all(1).tolist()
-    scores = [Score(-s, len(t), g) for s, t, g in zip(sums, conts, greedy, strict=True)]
-    out, k = [], 0
-    for _, cs in groups:
-        out.append(scores[k : k + len(cs)])
-        k += len(cs)
-    return out
+    return [Score(-s, len(t), g) for s, t, g in zip(sums, conts, greedy, strict=True)]
 
 
 def score_continuations(

@@ -238,8 +238,8 @@ class PackedLinear(torch.nn.Module):
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
 
 
-def packed_decoding_available(weight: torch.Tensor) -> bool:
-    """Whether layout_for_decoding packs weights like this one (float32 on a CPU with oneDNN)."""
+def packed_weights_available(weight: torch.Tensor) -> bool:
+    """Whether layout_for_inference packs weights like this one (float32 on a CPU with oneDNN)."""
     return (
         weight.device.type == "cpu"
         and weight.dtype is torch.float32
@@ -247,19 +247,21 @@ def packed_decoding_available(weight: torch.Tensor) -> bool:
     )
 
 
-def layout_for_decoding(model: GPT, pack: bool = True) -> GPT:
-    """Store the weights the way decoding reads them fastest; the model is for inference after.
+def layout_for_inference(model: GPT, pack: bool = True) -> GPT:
+    """Store the weights the way inference reads them fastest; the model is for inference after.
 
     Decoding reads every weight matrix once per step, with as many rows as sequences in the
     batch. float32 on a CPU: each linear layer (the tied head too, as a copy) becomes a
     PackedLinear. On gpt2's matrices with 8 rows oneDNN's packed kernel runs 3.6x faster than
     the dense matmul (8.4 against 29.9 ms for the 49 products of a step), and with one row 1.3x
-    faster than column-major weights (8.2 against 10.4 ms); BENCHMARKS.md. Elsewhere float32
+    faster than column-major weights (8.2 against 10.4 ms); scoring HellaSwag-like examples,
+    with hundreds of rows a product, it takes 2.5 s where dense weights take 4.7 s
+    (BENCHMARKS.md). Elsewhere float32
     weights are stored column-major, which torch's matrix-vector product streams faster than
     nn.Linear's layout, and other dtypes row-major, which their kernels read faster.
     pack=False keeps dense weights, for torch.compile (inductor cannot lower packed ones).
     """
-    if pack and packed_decoding_available(model.transformer.wte.weight):
+    if pack and packed_weights_available(model.transformer.wte.weight):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, torch.nn.Linear):

@@ -13,6 +13,7 @@ generation runs prompts of different lengths as one left-padded batch.
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import torch
@@ -55,10 +56,11 @@ class MiniGPT2LM(TemplateLM):
         super().__init__()
         from .checkpoint import load_any, tokenizer_for
         from .device import resolve_device, resolve_dtype
+        from .generate import layout_for_inference
         from .model import GPT
 
-        if isinstance(pretrained, GPT):
-            model, header = pretrained, None
+        if isinstance(pretrained, GPT):  # a copy: the inference layout below is final
+            model, header = copy.deepcopy(pretrained), None
         else:
             model, header = load_any(str(pretrained), checkpoint)
         self.tok = tokenizer_for(header, tokenizer)
@@ -67,7 +69,8 @@ class MiniGPT2LM(TemplateLM):
             print(f"note: {device} is not available here; running on the CPU", file=sys.stderr)
             device = "cpu"
         self._device = resolve_device(device or "auto")
-        self.model = model.to(self._device, resolve_dtype(dtype, self._device)).eval()
+        model = model.to(self._device, resolve_dtype(dtype, self._device)).eval()
+        self.model = layout_for_inference(model)
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_gen_toks = int(max_gen_toks)
 
