@@ -71,8 +71,12 @@ def model_weights(out_dir):
     }
 
 
+def metrics(out_dir):
+    return [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out_dir):
-    rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics(out_dir)
     return [r["train_loss"] for r in rows], [r["val_loss"] for r in rows]
 
 
@@ -187,11 +191,19 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "plain")
 
 
-def test_two_processes_match_one_on_records(tmp_path):
+def test_two_processes_match_one_on_records_and_hellaswag(tmp_path):
+    from test_evaluate import hellaswag_examples
     from test_records import completion_records, write_jsonl
 
     data = write_jsonl(tmp_path / "records.jsonl", completion_records())
+    hs = write_jsonl(tmp_path / "hs.jsonl", hellaswag_examples(15))  # 15: ranks score 8 and 7
     common = dict(data=data, block_size=48, val_fraction=0.25, max_iters=6, lr_decay_iters=6)
+    common["hellaswag"] = str(hs)
     run_world(1, tiny(tmp_path, "one", **common), tmp_path)
     run_world(2, tiny(tmp_path, "two", **common), tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two")
+    scored = [
+        [(r["hellaswag_acc"], r["hellaswag_acc_norm"]) for r in rows if "hellaswag_acc" in r]
+        for rows in (metrics(tmp_path / "one"), metrics(tmp_path / "two"))
+    ]
+    assert len(scored[0]) == 3 and scored[0] == scored[1]

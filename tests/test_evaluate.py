@@ -258,6 +258,7 @@ def test_eval_command_json_and_table(hf_dir, tmp_path):
         (["--task", "perplexity", "--split", "val"], "ab", "perplexity needs at least 2"),
         (["--task", "rouge"], None, "unknown task 'rouge'; tasks: perplexity, hellaswag"),
         (["--task", "hellaswag", "--limit", "0"], None, "--limit=0 must be at least 1"),
+        (["--task", "hellaswag"], None, "cannot read dataset 'hf:Rowan/hellaswag'"),
     ],
 )
 def test_eval_command_bad_input(hf_dir, tmp_path, args, content, message):
@@ -265,17 +266,9 @@ def test_eval_command_bad_input(hf_dir, tmp_path, args, content, message):
         name = "data.jsonl" if args[1] == "hellaswag" else "data.txt"
         (tmp_path / name).write_text(content)
         args = [*args, "--data", name] if "--data" not in args else args
-    result = run_module(
-        "eval",
-        "--model",
-        str(hf_dir),
-        "--tokenizer",
-        "byte",
-        *args,
-        "--data-cache",
-        str(tmp_path / "c"),
-        cwd=tmp_path,
-    )
+    common = ["--model", str(hf_dir), "--tokenizer", "byte", "--data-cache", str(tmp_path / "c")]
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}
+    result = run_module("eval", *common, *args, cwd=tmp_path, env=offline)
     assert result.returncode == 2, result.stderr
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error")]
     assert len(lines) == 1 and message in lines[0], result.stderr
