@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from minigpt2 import MiniGPT2Error
 from minigpt2.cli import train_main
 from minigpt2.config import TrainConfig, parse_args
-from minigpt2.trainer import Trainer, lr_at, param_groups
+from minigpt2.optim import lr_at, param_groups
+from minigpt2.trainer import Trainer
 
 CORPUS = "".join(
     f"line {i}: the cat sat on the mat, and the dog ran after it.\n" for i in range(400)

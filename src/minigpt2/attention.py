@@ -45,8 +45,8 @@ class KVCache:
         """Declare the first real.shape[1] columns written, with real (B, width) marking the
         real tokens among them (a left-padded prompt batch written row by row)."""
         width = real.shape[1]
-        self.mask = torch.zeros(self.kv.shape[2], self.kv.shape[4], dtype=torch.bool)
-        self.mask = self.mask.to(real.device)
+        shape = (self.kv.shape[2], self.kv.shape[4])
+        self.mask = torch.zeros(shape, dtype=torch.bool, device=real.device)
         self.mask[:, :width] = real
         self.seen, self.pos = real.sum(1), width
 

@@ -256,9 +256,9 @@ def layout_for_inference(model: GPT, pack: bool = True) -> GPT:
     the dense matmul (8.4 against 29.9 ms for the 49 products of a step), and with one row 1.3x
     faster than column-major weights (8.2 against 10.4 ms); scoring HellaSwag-like examples,
     with hundreds of rows a product, it takes 2.5 s where dense weights take 4.7 s
-    (BENCHMARKS.md). Elsewhere float32
-    weights are stored column-major, which torch's matrix-vector product streams faster than
-    nn.Linear's layout, and other dtypes row-major, which their kernels read faster.
+    (BENCHMARKS.md). Elsewhere float32 weights are stored column-major, which torch's
+    matrix-vector product streams faster than nn.Linear's layout, and other dtypes row-major,
+    which their kernels read faster.
     pack=False keeps dense weights, for torch.compile (inductor cannot lower packed ones).
     """
     if pack and packed_weights_available(model.transformer.wte.weight):

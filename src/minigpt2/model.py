@@ -235,8 +235,8 @@ class GPT(nn.Module):
         keys = real
         if cache is not None:
             if cache.mask is None:  # the first padding this cache sees: all earlier are real
-                cache.mask = torch.ones(cache.kv.shape[2], cache.kv.shape[4], dtype=torch.bool)
-                cache.mask = cache.mask.to(idx.device)
+                shape = (cache.kv.shape[2], cache.kv.shape[4])
+                cache.mask = torch.ones(shape, dtype=torch.bool, device=idx.device)
                 cache.seen = seen
             seen = cache.seen.clone()
             cache.mask[:, past : past + T] = real

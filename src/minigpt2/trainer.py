@@ -1,5 +1,5 @@
-"""The training loop: optimiser, schedule, evaluation, checkpoints, faults. Nothing GPT-specific
-beyond building the model lives here."""
+"""The training loop: steps, evaluation, checkpoints, faults. The model and data it starts from
+come from startup.py, the optimizer and schedule from optim.py."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
-from .batches import Batch, Batches, RecordBatches, open_corpus
+from .batches import Batch, Batches, RecordBatches
 from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_dtype
 from .distributed import (
@@ -26,127 +26,11 @@ from .distributed import (
 )
 from .errors import MiniGPT2Error
 from .model import GPT, GPTConfig
-from .records import RECORD_FORMATS, is_records_path, load_records
-from .tokenizer import Tokenizer, get_tokenizer
+from .optim import build_optimizer, lr_at
+from .startup import build_model, open_data
+from .tokenizer import get_tokenizer
 
 EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
-
-
-def lr_at(it: int, cfg: TrainConfig) -> float:
-    """Learning rate of step it: linear warmup from 0, then cosine or linear decay to min_lr."""
-    if it < cfg.warmup_iters:
-        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
-    decay_iters = cfg.lr_decay_iters or cfg.max_iters
-    if cfg.decay == "constant" or decay_iters <= cfg.warmup_iters:
-        return cfg.learning_rate
-    if it >= decay_iters:
-        return cfg.min_lr
-    ratio = (it - cfg.warmup_iters) / (decay_iters - cfg.warmup_iters)
-    shape = 0.5 * (1 + math.cos(math.pi * ratio)) if cfg.decay == "cosine" else 1 - ratio
-    return cfg.min_lr + shape * (cfg.learning_rate - cfg.min_lr)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> tuple[list[dict], list[str]]:
-    """AdamW groups: decay on weight matrices only, none on biases, LayerNorms or embeddings.
-    Also returns the parameter names in optimizer order (checkpoints key state by name)."""
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():  # a tied parameter is listed once
-        if p.requires_grad:
-            (decay if p.dim() >= 2 and id(p) not in embeddings else no_decay).append((name, p))
-    groups = [
-        {"params": [p for _, p in decay], "weight_decay": weight_decay},
-        {"params": [p for _, p in no_decay], "weight_decay": 0.0},
-    ]
-    return groups, [n for n, _ in decay + no_decay]
-
-
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW (or Adam), fused where the device supports it (not over FSDP's sharded tensors)."""
-    groups, names = param_groups(model, cfg.weight_decay if cfg.optimizer == "adamw" else 0.0)
-    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
-    kind = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    opt = kind(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=fused)
-    return opt, names
-
-
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
-    """A fresh model (scratch), or weights to fine-tune: released ones or a training checkpoint
-    (an out_dir or a checkpoint file); resume is handled by Trainer."""
-    if cfg.init_from == "scratch":
-        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
-        vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        shape = dict(
-            vocab_size=vocab,
-            block_size=cfg.block_size,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            attn_impl=cfg.attn_impl,
-            pos_embedding=cfg.pos_embedding,
-            **sizes,
-        )
-        if cfg.model:
-            return GPT(GPTConfig.preset(cfg.model, **shape))
-        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
-        if missing:
-            raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
-        return GPT(GPTConfig(**shape))
-    if cfg.pos_embedding != "learned":
-        raise MiniGPT2Error(
-            f"pos_embedding={cfg.pos_embedding} applies to init_from=scratch; a model to "
-            "fine-tune brings its own positions (leave pos_embedding unset)"
-        )
-    from .pretrained import load_pretrained
-
-    path = ckpt.find_checkpoint(cfg.init_from)
-    if path is None:
-        model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
-    else:
-        model, header = ckpt.load_model(path, dropout=cfg.dropout)
-        if header["tokenizer_hash"] != tokenizer.fingerprint:
-            raise MiniGPT2Error(
-                f"init_from={cfg.init_from} was trained with tokenizer {header['tokenizer']!r}"
-                f"; pass --tokenizer={header.get('tokenizer_spec', header['tokenizer'])}"
-            )
-    if cfg.block_size < model.config.block_size:
-        model.crop_block_size(cfg.block_size)
-    model.config.attn_impl = cfg.attn_impl
-    for block in model.transformer.h:
-        block.attn.attn_impl = cfg.attn_impl
-    return model
-
-
-def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
-    """(format, data): "text" and a prepared corpus, or a record format and its records."""
-    if not cfg.data:
-        raise MiniGPT2Error(
-            "no training data: pass --data=PATH (a text file, a directory, "
-            "a glob, stdlib, hf:NAME[:CONFIG], a prepared directory or a .json/.jsonl "
-            "record file)"
-        )
-    records = cfg.data_format in RECORD_FORMATS
-    if cfg.data_format == "auto":
-        records = is_records_path(cfg.data)
-    if not records:
-        corpus = open_corpus(
-            cfg.data,
-            tokenizer,
-            cache_dir=cfg.data_cache or None,
-            val_fraction=cfg.val_fraction,
-            hf_split=cfg.hf_split,
-            text_column=cfg.text_column,
-            progress=progress,
-        )
-        return "text", corpus
-    if not (is_records_path(cfg.data) or cfg.data.startswith("hf:")):
-        raise MiniGPT2Error(
-            f"data_format={cfg.data_format} reads a .json or .jsonl record file or an "
-            f"hf:NAME dataset, not {cfg.data!r}"
-        )
-    data = load_records(
-        cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt, cfg.hf_split
-    )
-    return data.format, data
 
 
 class Interrupted:

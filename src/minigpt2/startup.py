@@ -1,0 +1,91 @@
+"""What a run starts from: the model (fresh, released weights or another run's) and the data
+(a text corpus or a file of records)."""
+
+from __future__ import annotations
+
+from . import checkpoint as ckpt
+from .batches import open_corpus
+from .config import TrainConfig
+from .errors import MiniGPT2Error
+from .model import GPT, GPTConfig
+from .records import RECORD_FORMATS, is_records_path, load_records
+from .tokenizer import Tokenizer
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
+    """A fresh model (scratch), or weights to fine-tune: released ones or a training checkpoint
+    (an out_dir or a checkpoint file); resume is handled by Trainer."""
+    if cfg.init_from == "scratch":
+        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+        vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+        shape = dict(
+            vocab_size=vocab,
+            block_size=cfg.block_size,
+            dropout=cfg.dropout,
+            bias=cfg.bias,
+            attn_impl=cfg.attn_impl,
+            pos_embedding=cfg.pos_embedding,
+            **sizes,
+        )
+        if cfg.model:
+            return GPT(GPTConfig.preset(cfg.model, **shape))
+        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
+        if missing:
+            raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
+        return GPT(GPTConfig(**shape))
+    if cfg.pos_embedding != "learned":
+        raise MiniGPT2Error(
+            f"pos_embedding={cfg.pos_embedding} applies to init_from=scratch; a model to "
+            "fine-tune brings its own positions (leave pos_embedding unset)"
+        )
+    from .pretrained import load_pretrained
+
+    path = ckpt.find_checkpoint(cfg.init_from)
+    if path is None:
+        model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
+    else:
+        model, header = ckpt.load_model(path, dropout=cfg.dropout)
+        if header["tokenizer_hash"] != tokenizer.fingerprint:
+            raise MiniGPT2Error(
+                f"init_from={cfg.init_from} was trained with tokenizer {header['tokenizer']!r}"
+                f"; pass --tokenizer={header.get('tokenizer_spec', header['tokenizer'])}"
+            )
+    if cfg.block_size < model.config.block_size:
+        model.crop_block_size(cfg.block_size)
+    model.config.attn_impl = cfg.attn_impl
+    for block in model.transformer.h:
+        block.attn.attn_impl = cfg.attn_impl
+    return model
+
+
+def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
+    """(format, data): "text" and a prepared corpus, or a record format and its records."""
+    if not cfg.data:
+        raise MiniGPT2Error(
+            "no training data: pass --data=PATH (a text file, a directory, "
+            "a glob, stdlib, hf:NAME[:CONFIG], a prepared directory or a .json/.jsonl "
+            "record file)"
+        )
+    records = cfg.data_format in RECORD_FORMATS
+    if cfg.data_format == "auto":
+        records = is_records_path(cfg.data)
+    if not records:
+        corpus = open_corpus(
+            cfg.data,
+            tokenizer,
+            cache_dir=cfg.data_cache or None,
+            val_fraction=cfg.val_fraction,
+            hf_split=cfg.hf_split,
+            text_column=cfg.text_column,
+            progress=progress,
+        )
+        return "text", corpus
+    if not (is_records_path(cfg.data) or cfg.data.startswith("hf:")):
+        raise MiniGPT2Error(
+            f"data_format={cfg.data_format} reads a .json or .jsonl record file or an "
+            f"hf:NAME dataset, not {cfg.data!r}"
+        )
+    data = load_records(
+        cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt, cfg.hf_split
+    )
+    return data.format, data
