@@ -225,14 +225,16 @@ def tokenize_records(
     for record in pieces:
         ids: list[int] = []
         counted: list[bool] = []
+        prompt = None  # tokens before the first response
         for _, is_response in record:
             part = next(encoded) + ([tokenizer.eot_id] if is_response else [])
-            if is_response and len(out.prompt_lengths) < len(out.ids) + 1:
-                out.prompt_lengths.append(len(ids))  # the first response starts here
+            if is_response and prompt is None:
+                prompt = len(ids)
             ids += part
             counted += [is_response or not mask_prompt] * len(part)
         out.ids.append(np.asarray(ids, dtype=np.int64))
         out.counted.append(np.asarray(counted, dtype=bool))
+        out.prompt_lengths.append(prompt)
     return out
 
 
