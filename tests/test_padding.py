@@ -34,6 +34,20 @@ def pad(seqs: list[list[int]], side: str, pad_id: int = 0):
     return ids, mask
 
 
+def hf_greedy(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
+    """transformers' greedy generate of left-padded prompts: each prompt's new token ids."""
+    ids, mask = pad(prompts, "left")
+    out = hf.generate(
+        ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=new,
+        min_new_tokens=new,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :].tolist()
+
+
 def real_rows(out: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     return [out[i][mask[i].bool()] for i in range(len(out))]
 
@@ -140,15 +154,7 @@ def test_batched_greedy_generation_equals_transformers_and_each_alone(hf_dir):
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     prompts = sequences()
-    ids, mask = pad(prompts, "left")
-    ref = hf.generate(
-        ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=12,
-        min_new_tokens=12,
-        pad_token_id=0,
-    )[:, ids.shape[1] :].tolist()
+    ref = hf_greedy(hf, prompts, 12)
     gen = Generator(GPT.from_pretrained(hf_dir))
     cfg = SamplingConfig(max_new_tokens=12, greedy=True)
     batched = gen.generate(prompts, cfg)
@@ -220,28 +226,10 @@ def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_
     )
     assert result.returncode == 0, result.stderr
     got = [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]
-    ids, mask = pad([list(p.encode()) for p in prompts], "left")
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    ref = hf.generate(
-        ids,
-        attention_mask=mask,
-        do_sample=False,
-        max_new_tokens=12,
-        min_new_tokens=12,
-        pad_token_id=0,
-    )
-    assert got == ref[:, ids.shape[1] :].tolist()
-    alone = [
-        hf.generate(
-            torch.tensor([list(p.encode())]),
-            do_sample=False,
-            max_new_tokens=12,
-            min_new_tokens=12,
-            pad_token_id=0,
-        )[0, len(p) :].tolist()
-        for p in prompts
-    ]
-    assert got == alone
+    encoded = [list(p.encode()) for p in prompts]
+    assert got == hf_greedy(hf, encoded, 12)
+    assert got == [hf_greedy(hf, [e], 12)[0] for e in encoded]
 
 
 def test_prefill_never_reads_unwritten_cache_memory(hf_dir):
