@@ -209,11 +209,16 @@ def sample_main(argv: list[str]) -> int:
     return 0
 
 
+def _body(tok, cfg, row: list[int]) -> str:
+    """A sample's text (without its end-of-text when generation stops there)."""
+    return tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
+
+
 def _sample_json(text: str, tok, cfg, row: list[int], finish: str, **extra) -> str:
     """One sample as a JSON object: prompt, text, token_ids, finish_reason."""
     import json
 
-    body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
+    body = _body(tok, cfg, row)
     fields = {"prompt": text, "text": body, "token_ids": row, "finish_reason": finish, **extra}
     return json.dumps(fields, ensure_ascii=False)
 
@@ -242,8 +247,7 @@ def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None
         if args.json:
             print(_sample_json(text, tok, cfg, row, stats.finish[i]))
         else:
-            body = tok.decode([t for t in row if t != tok.eot_id] if cfg.stop_at_eot else row)
-            print(f"{'-' * 20} sample {i + 1}\n{text if echo else ''}{body}")
+            print(f"{'-' * 20} sample {i + 1}\n{text if echo else ''}{_body(tok, cfg, row)}")
 
 
 def _sample_batch_file(gen, args, cfg, tok, texts, prompts) -> None:

@@ -123,13 +123,14 @@ def score_continuations(
     batch_size groups at a time; progress(n) is called after each batch with its group count."""
     block = model.config.block_size
     pieces = [(g, part) for g, group in enumerate(groups) for part in _fit(group, block)]
+    last = {g: i for i, (g, _) in enumerate(pieces)}  # a group is done with its last piece
     results: list[list[Score]] = [[] for _ in groups]
     for start in range(0, len(pieces), batch_size):
         batch = pieces[start : start + batch_size]
         for (g, _), scores in zip(batch, _score_batch(model, [p for _, p in batch]), strict=True):
             results[g] += scores
         if progress is not None:
-            progress(len({g for g, _ in batch}))
+            progress(sum(last[g] == start + i for i, (g, _) in enumerate(batch)))
     return results
 
 
