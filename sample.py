@@ -1,9 +1,12 @@
 """Sample from a checkpoint: `python sample.py --model out/quickstart --prompt "def "`.
 
---model also takes a released-layout directory or gpt2 / gpt2-medium / ...; see --help.
+The same as `minigpt2 sample`; --model also takes a released-layout directory, nanoGPT's ckpt.pt
+or gpt2 / gpt2-medium / ...; see --help.
 """
 
-from minigpt2.cli import main_sample
+import sys
+
+from minigpt2.cli import main
 
 if __name__ == "__main__":
-    main_sample()
+    sys.exit(main(["sample", *sys.argv[1:]]))

@@ -83,7 +83,7 @@ def main() -> None:
         transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(tmp)
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
         ours = GPT.from_pretrained(tmp).eval()
-    if not args.dense:  # as python -m minigpt2 eval runs it
+    if not args.dense:  # as minigpt2 eval runs it
         layout_for_inference(ours)
     rng = random.Random(1)
 

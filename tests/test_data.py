@@ -203,7 +203,7 @@ def test_hf_dataset_offline_is_one_line(tmp_path, monkeypatch):
 def run_data_cli(*args, cwd):
     env = {**os.environ, "MINIGPT2_DATA_CACHE": str(cwd / "cache")}
     return subprocess.run(
-        [sys.executable, "-m", "minigpt2.data", *args],
+        [sys.executable, "-m", "minigpt2", *args],
         cwd=cwd,
         env=env,
         capture_output=True,

@@ -159,7 +159,7 @@ def byte_run(tmp_path_factory):
     """A tiny trained out_dir with the byte tokenizer."""
     from test_train import settings
 
-    from minigpt2.cli import train_main
+    from minigpt2.cli.train import train_main
 
     tmp = tmp_path_factory.mktemp("run")
     assert train_main(settings(tmp, max_iters=3, dropout=0.0)) == 0

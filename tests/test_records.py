@@ -10,7 +10,7 @@ from test_train import settings
 from test_train_cli import ROOT, run
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.cli import train_main
+from minigpt2.cli.train import train_main
 from minigpt2.config import parse_args
 from minigpt2.records import segments
 from minigpt2.tokenizer import ByteTokenizer

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.cli import train_main
+from minigpt2.cli.train import train_main
 from minigpt2.config import TrainConfig, parse_args
 from minigpt2.optim import lr_at, param_groups
 from minigpt2.trainer import Trainer

@@ -135,7 +135,7 @@ def test_finetune_released_checkpoint_lowers_loss_and_exports(tmp_path):
     end = json.loads(tuned.stdout.strip().splitlines()[-1])["val_loss"]
     assert end < start - 0.5, (start, end)
     exported = run(
-        ["-m", "minigpt2.pretrained", "export", str(tmp_path / "out"), str(tmp_path / "export")],
+        ["-m", "minigpt2", "export", str(tmp_path / "out"), str(tmp_path / "export")],
         cwd=tmp_path,
     )
     assert exported.returncode == 0, exported.stderr
@@ -150,9 +150,7 @@ def test_finetune_released_checkpoint_lowers_loss_and_exports(tmp_path):
 
 
 def test_export_errors(tmp_path):
-    result = run(
-        ["-m", "minigpt2.pretrained", "export", str(tmp_path), str(tmp_path / "x")], cwd=tmp_path
-    )
+    result = run(["-m", "minigpt2", "export", str(tmp_path), str(tmp_path / "x")], cwd=tmp_path)
     assert result.returncode == 2
     assert "holds no checkpoint" in result.stderr and "Traceback" not in result.stderr
 

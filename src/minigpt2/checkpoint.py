@@ -182,10 +182,13 @@ def find_checkpoint(spec: str, which: str = "best") -> Path | None:
 
 
 def load_model(path: Path, **overrides):
-    """A GPT and the header from a checkpoint file (latest or best); overrides replace model
-    config fields that do not change the weights (dropout, attn_impl)."""
+    """A GPT and the header from a checkpoint file (ours, or nanoGPT's ckpt.pt); overrides
+    replace model config fields that do not change the weights (dropout, attn_impl)."""
     from .model import GPT, GPTConfig
+    from .nanogpt import is_nanogpt_file, load_nanogpt
 
+    if is_nanogpt_file(path):
+        return load_nanogpt(path, **overrides)
     tensors, header = load_checkpoint(path)
     model = GPT(GPTConfig.from_dict({**header["model_config"], **overrides}))
     load_model_tensors(model, tensors)

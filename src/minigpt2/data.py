@@ -306,10 +306,3 @@ def prepare(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-if __name__ == "__main__":
-    from .cli import prepare_main
-    from .errors import run_cli
-
-    sys.exit(run_cli(prepare_main))

@@ -2,7 +2,7 @@
 
 Importing this module registers it, then either of:
 
-    python -m minigpt2 lm-eval --model_args pretrained=out/run --tasks hellaswag
+    minigpt2 lm-eval --model_args pretrained=out/run --tasks hellaswag
     lm_eval.simple_evaluate(model=MiniGPT2LM("out/run"), tasks=["hellaswag"])
 
 `pretrained` is anything `sample.py --model` takes. Tokenizing follows the harness's own rules
@@ -188,5 +188,5 @@ class MiniGPT2LM(TemplateLM):
 
 def run_harness_cli(argv: list[str]) -> None:
     """lm-eval's own command line, with argv, and the minigpt2 model registered."""
-    sys.argv = ["python -m minigpt2 lm-eval", *argv]
+    sys.argv = ["minigpt2 lm-eval", *argv]
     cli_evaluate()

@@ -32,6 +32,7 @@ class GPTConfig:
     layer_norm_epsilon: float = 1e-5  # GPT-2's value
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (explicit masked softmax)
     pos_embedding: str = "learned"  # "learned" (GPT-2's) or "sinusoidal" (fixed; Vaswani et al.)
+    gelu: str = "tanh"  # "tanh" (GPT-2's approximation) or "exact" (erf: nanoGPT's nn.GELU)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
@@ -45,6 +46,8 @@ class GPTConfig:
             raise MiniGPT2Error(f"model config: dropout={self.dropout} must be in [0, 1)")
         if self.attn_impl not in ("sdpa", "math"):
             raise MiniGPT2Error(f"model config: attn_impl={self.attn_impl!r}; use sdpa or math")
+        if self.gelu not in ("tanh", "exact"):
+            raise MiniGPT2Error(f"model config: gelu={self.gelu!r}; use tanh or exact")
         if self.pos_embedding not in POS_EMBEDDINGS:
             raise MiniGPT2Error(
                 f"model config: pos_embedding={self.pos_embedding!r}; use learned or sinusoidal"
@@ -112,16 +115,17 @@ def sinusoid_table(length: int, dim: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: widen 4x, GELU (tanh approximation, as GPT-2), project back."""
+    """Position-wise feed-forward: widen 4x, GELU (GPT-2's tanh approximation), project back."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.approximate = "tanh" if config.gelu == "tanh" else "none"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -287,8 +291,9 @@ class GPT(nn.Module):
 
         return load_pretrained(name_or_dir, **kwargs)
 
-    def save_pretrained(self, out_dir: str) -> None:
-        """Write config.json + model.safetensors in the released GPT-2 layout."""
+    def save_pretrained(self, out_dir: str, tokenizer=None) -> list[str]:
+        """Write the released GPT-2 layout (config.json + model.safetensors, and the tokenizer's
+        files when given one); returns the names written."""
         from .pretrained import save_pretrained
 
-        save_pretrained(self, out_dir)
+        return save_pretrained(self, out_dir, tokenizer)

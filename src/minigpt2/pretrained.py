@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +32,8 @@ CONV1D_WEIGHTS = (
     "mlp.c_fc.weight",
     "mlp.c_proj.weight",
 )
+# transformers' activation names -> GPTConfig.gelu ("gelu_new" is GPT-2's tanh approximation)
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "exact"}
 _MASK_BUFFERS = (".attn.bias", ".attn.masked_bias")
 _CONFIG_FILE = "config.json"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -77,8 +80,7 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
         raise MiniGPT2Error(f"{path}: missing or invalid field {e} in config.json") from None
     unsupported = {
         "n_inner": hf.get("n_inner") not in (None, 4 * n_embd),
-        "activation_function": hf.get("activation_function", "gelu_new")
-        not in ("gelu_new", "gelu_pytorch_tanh"),
+        "activation_function": hf.get("activation_function", "gelu_new") not in ACTIVATIONS,
         "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
         "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx")),
         "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
@@ -86,7 +88,7 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise MiniGPT2Error(f"{path}: unsupported GPT-2 variant ({', '.join(bad)} differ)")
-    return GPTConfig(**cfg)
+    return GPTConfig(**cfg, gelu=ACTIVATIONS[hf.get("activation_function", "gelu_new")])
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -164,14 +166,19 @@ def load_released_state(model: GPT, tensors: dict[str, torch.Tensor], source: Pa
 
 
 def released_state(model: GPT) -> dict[str, torch.Tensor]:
-    """The model's weights in the published key spelling and orientation, head left tied."""
+    """The model's weights in the published key spelling and orientation, head left tied. A
+    bias=False model gets zero biases, which compute exactly what no bias does."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    state = model.state_dict()
+    with torch.device("meta"):
+        full = GPT(replace(model.config, bias=True)).state_dict()
     out = {}
-    for name, value in model.state_dict().items():
+    for name, like in full.items():
         if name == "lm_head.weight":
             continue  # tied to wte; safetensors refuses two names for one tensor
         key = name.removeprefix("transformer.")
-        value = value.detach().to("cpu", torch.float32)
+        value = state[name].detach() if name in state else torch.zeros(like.shape)
+        value = value.to("cpu", torch.float32)
         out[key] = (value.t() if key.endswith(CONV1D_WEIGHTS) else value).contiguous()
     return out
 
@@ -189,7 +196,7 @@ def hf_config(config: GPTConfig, eot_id: int | None = None) -> dict:
         "n_layer": config.n_layer,
         "n_head": config.n_head,
         "n_inner": None,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu_new" if config.gelu == "tanh" else "gelu",
         "resid_pdrop": config.dropout,
         "embd_pdrop": config.dropout,
         "attn_pdrop": config.dropout,
@@ -203,35 +210,48 @@ def hf_config(config: GPTConfig, eot_id: int | None = None) -> dict:
     }
 
 
-def save_pretrained(model: GPT, out_dir: str | os.PathLike, eot_id: int | None = None) -> None:
-    """Write config.json and model.safetensors, each to a temporary file renamed into place."""
+def generation_config(eot_id: int) -> dict:
+    """generation_config.json: end-of-text starts and ends a sequence, as for the released gpt2."""
+    return {"bos_token_id": eot_id, "eos_token_id": eot_id, "pad_token_id": eot_id}
+
+
+def save_pretrained(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> list[str]:
+    """Write config.json, model.safetensors, generation_config.json and, given the model's
+    tokenizer, its files (vocab.json, merges.txt, tokenizer.json, ...). Each file goes to a
+    temporary name renamed into place. Returns the names written."""
     from safetensors.torch import save_file
 
     model = getattr(model, "_orig_mod", model)
-    if not model.config.bias:
-        raise MiniGPT2Error("the released GPT-2 layout has biases; a bias=False model can't export")
     if model.config.pos_embedding != "learned":
         raise MiniGPT2Error(
             "the released GPT-2 layout has only learned positions; a model with "
             f"pos_embedding={model.config.pos_embedding} can't be exported to it"
+        )
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise MiniGPT2Error(
+            f"the {tokenizer.name} tokenizer has {tokenizer.vocab_size} ids but the model only "
+            f"{model.config.vocab_size}; pass the tokenizer the model was trained with"
         )
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MiniGPT2Error(f"cannot create export directory {out}: {e.strerror}") from None
+    eot = tokenizer.eot_id if tokenizer is not None else None
     weights = released_state(model)
-    config_text = json.dumps(hf_config(model.config, eot_id), indent=2) + "\n"
+    config = hf_config(model.config, eot)
+    texts = {
+        _CONFIG_FILE: json.dumps(config, indent=2),
+        "generation_config.json": json.dumps(generation_config(config["eos_token_id"]), indent=2),
+    }
     write_atomic(
         out / "model.safetensors", lambda p: save_file(weights, p, metadata={"format": "pt"})
     )
-    write_atomic(out / _CONFIG_FILE, lambda p: Path(p).write_text(config_text))
+    for name, text in texts.items():
+        write_atomic(out / name, lambda p, t=text: Path(p).write_text(t + "\n"))
+    written = ["model.safetensors", *texts]
+    if tokenizer is not None:
+        from .tokenizer_files import write_tokenizer_files
 
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import export_main
-    from .errors import run_cli
-
-    sys.exit(run_cli(export_main))
+        written += write_tokenizer_files(tokenizer, out, model.config.block_size)
+    return written

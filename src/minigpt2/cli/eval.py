@@ -1,25 +1,26 @@
-"""The command lines that measure a model: `python -m minigpt2 eval` and `... lm-eval`."""
+"""The commands that measure a model: `minigpt2 eval` and `minigpt2 lm-eval`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 
 TASKS = ("perplexity", "hellaswag")
 HELLASWAG_HF = "hf:Rowan/hellaswag"
 
 
-def _eval_parser():
-    import argparse
-
+def parser() -> argparse.ArgumentParser:
+    """The command's options."""
     p = argparse.ArgumentParser(
-        prog="python -m minigpt2 eval",
+        prog="minigpt2 eval",
         description="Measure a model: sliding-window perplexity of a text, or HellaSwag.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="what sample.py --model takes")
+    p.add_argument("--model", required=True, help="what minigpt2 sample --model takes")
     p.add_argument("--checkpoint", default="best", help="best or latest, for an out_dir")
     p.add_argument("--task", required=True, help=f"{' or '.join(TASKS)}")
     p.add_argument(
@@ -30,11 +31,13 @@ def _eval_parser():
     )
     p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--stride", type=int, default=None, help="default: half the context")
+    p.add_argument(
+        "--stride", type=int, default=None, help="tokens between windows (None: half the context)"
+    )
     p.add_argument("--split", default="all", help="all, or val: a corpus' validation split")
     p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
@@ -43,12 +46,12 @@ def _eval_parser():
 
 
 def eval_main(argv: list[str]) -> int:
-    """`python -m minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
-    from .checkpoint import load_any, tokenizer_for
-    from .device import resolve_device, resolve_dtype
-    from .generate import layout_for_inference
+    """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
+    from ..checkpoint import load_any, tokenizer_for
+    from ..device import resolve_device, resolve_dtype
+    from ..generate import layout_for_inference
 
-    args = _eval_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     if args.task not in TASKS:
         raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     if args.split not in ("all", "val"):
@@ -89,8 +92,8 @@ def _perplexity(model, tok, args) -> dict:
     """Tokens, mean NLL, perplexity and bits per byte of the text under sliding windows."""
     import numpy as np
 
-    from .batches import open_corpus
-    from .evaluate import perplexity, perplexity_windows
+    from ..batches import open_corpus
+    from ..evaluate import perplexity, perplexity_windows
 
     data = open_corpus(
         args.data,
@@ -121,7 +124,7 @@ def _perplexity(model, tok, args) -> dict:
 
 def _hellaswag(model, tok, args) -> dict:
     """Examples, acc and acc_norm (fractions), llm.c's way."""
-    from .evaluate import hellaswag, read_hellaswag
+    from ..evaluate import hellaswag, read_hellaswag
 
     data = args.data or HELLASWAG_HF
     examples = read_hellaswag(data, args.limit)
@@ -131,12 +134,12 @@ def _hellaswag(model, tok, args) -> dict:
 
 
 def lm_eval_main(argv: list[str]) -> int:
-    """`python -m minigpt2 lm-eval --model_args pretrained=M --tasks ...`: the harness's own
+    """`minigpt2 lm-eval --model_args pretrained=M --tasks ...`: the harness's own
     command line with the model set to minigpt2; every other option is the harness's."""
     if any(a == "--model" or a.startswith("--model=") for a in argv):
         raise MiniGPT2Error("the model is minigpt2: give yours as --model_args pretrained=PATH")
 
-    from .harness import run_harness_cli
+    from ..harness import run_harness_cli
 
     run_harness_cli(["run", "--model", "minigpt2", *argv])
     return 0

@@ -1,63 +1,26 @@
-"""The command lines behind train.py and sample.py."""
+"""`minigpt2 sample --model M --prompt ...`: stream samples, or decode a file of prompts."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from .checkpoint import load_any, tokenizer_for
-from .errors import MiniGPT2Error
+from ..checkpoint import load_any, tokenizer_for
+from ..errors import MiniGPT2Error
 
 
-def train_main(argv: list[str], default_config: str | None = None) -> int:
-    """`train.py [CONFIG.toml] [--key=value ...]`; without a config file, the quickstart's."""
-    from pathlib import Path
-
-    from .checkpoint import LATEST, load_checkpoint
-    from .config import from_settings, read_settings
-    from .trainer import Trainer, print_summary
-
-    if argv and argv[0] in ("-h", "--help"):
-        from .config import TrainConfig
-
-        print(
-            "usage: python train.py [CONFIG.toml] [--key=value ...]\nkeys and defaults:\n"
-            + TrainConfig().to_toml()
-        )
-        return 0
-    defaults, settings = read_settings(argv, default_config)
-    cfg = from_settings({}, {**defaults, **settings})
-    tensors = header = None
-    if cfg.init_from == "resume":
-        tensors, header = load_checkpoint(Path(cfg.out_dir) / LATEST)
-        cfg = from_settings(header["train_config"], {**settings, "init_from": "resume"})
-        if header["iter"] >= cfg.max_iters and not cfg.eval_only:
-            raise MiniGPT2Error(
-                f"the run in {cfg.out_dir} already reached step {header['iter']}"
-                f"; raise max_iters to train further"
-            )
-    summary = Trainer(cfg, header, tensors).run()
-    print_summary(summary)
-    if "interrupted" in summary:
-        return 130 if summary["interrupted"] == "SIGINT" else 143
-    return 0
-
-
-def main_train(default_config: str | None = None) -> None:
-    """Entry point for train.py."""
-    from .errors import run_cli
-
-    sys.exit(run_cli(lambda argv: train_main(argv, default_config), sys.argv[1:]))
-
-
-def _sample_parser():
-    import argparse
-
-    p = argparse.ArgumentParser(prog="sample.py", description="Generate text from a GPT-2.")
+def parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    p = argparse.ArgumentParser(
+        prog="minigpt2 sample",
+        description="Generate text from a GPT-2.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument(
         "--model",
         default="out/quickstart",
         help="a training out_dir, a checkpoint file, a released-layout directory, "
-        "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl (default: %(default)s)",
+        "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl",
     )
     p.add_argument(
         "--checkpoint",
@@ -74,29 +37,27 @@ def _sample_parser():
         help="many prompts: .jsonl ({'prompt': ...} a line) or .txt (one a line); writes one "
         "JSON object per prompt, in order",
     )
-    p.add_argument(
-        "--batch-size", type=int, default=16, help="prompts decoded together (default: 16)"
-    )
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument(
         "--raw",
         action="store_true",
         help="a model trained on records: use the prompt as it is, not in its template",
     )
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to add (None: 100)")
     p.add_argument("--max-length", type=int, default=None, help="prompt plus new tokens")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass p")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (1: off)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--seed", type=int, default=None, help="None: a fresh draw each run")
     p.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     return p
 
 
@@ -113,32 +74,6 @@ def _read_prompt(args) -> str:
     return sys.stdin.read() if args.prompt == "-" else args.prompt
 
 
-def export_main(argv: list[str]) -> int:
-    """`python -m minigpt2.pretrained export SOURCE DEST`: write the released GPT-2 layout."""
-    import argparse
-
-    from .pretrained import save_pretrained
-
-    p = argparse.ArgumentParser(
-        prog="python -m minigpt2.pretrained export",
-        description="Export a model to config.json + model.safetensors",
-    )
-    p.add_argument("command", choices=["export"])
-    p.add_argument("source", help="a training out_dir, a checkpoint file or a model directory")
-    p.add_argument("dest", help="directory to write (created if needed)")
-    p.add_argument("--checkpoint", choices=("best", "latest"), default="best")
-    args = p.parse_args(argv)
-    model, header = load_any(args.source, args.checkpoint)
-    eot = None
-    if header is not None:
-        eot = {"byte": 256, "gpt2": 50256}.get(header["tokenizer"])
-    save_pretrained(model, args.dest, eot_id=eot)
-    print(
-        f"wrote {args.dest}/config.json and model.safetensors ({model.num_params():,} parameters)"
-    )
-    return 0
-
-
 def _prompt_ids(tok, text: str, block: int) -> list[int]:
     """Token ids of a prompt, keeping the last block of a prompt longer than the context."""
     prompt = tok.encode(text) or [tok.eot_id]
@@ -152,12 +87,12 @@ def _prompt_ids(tok, text: str, block: int) -> list[int]:
 
 
 def sample_main(argv: list[str]) -> int:
-    """`sample.py --model ... --prompt ...`: stream samples to stdout, timing to stderr."""
-    from .device import resolve_device, resolve_dtype
-    from .generate import GenerationStats, Generator, SamplingConfig, layout_for_inference
-    from .records import RECORD_FORMATS, read_prompts, wrap_prompt
+    """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
+    from ..device import resolve_device, resolve_dtype
+    from ..generate import GenerationStats, Generator, SamplingConfig, layout_for_inference
+    from ..records import RECORD_FORMATS, read_prompts, wrap_prompt
 
-    args = _sample_parser().parse_args(argv)
+    args = parser().parse_args(argv)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("num_samples", "batch_size"):
@@ -255,7 +190,7 @@ def _sample_batch_file(gen, args, cfg, tok, texts, prompts) -> None:
     object per sample in input order. Row i of the whole file draws with seed + i."""
     from dataclasses import replace
 
-    from .generate import GenerationStats
+    from ..generate import GenerationStats
 
     k, new_tokens, seconds = args.num_samples, 0, 0.0
     for start in range(0, len(prompts), args.batch_size):
@@ -277,46 +212,3 @@ def _sample_batch_file(gen, args, cfg, tok, texts, prompts) -> None:
         f"{new_tokens / seconds if seconds else 0.0:.1f} tokens/s",
         file=sys.stderr,
     )
-
-
-def main_sample() -> None:
-    """Entry point for sample.py."""
-    from .errors import run_cli
-
-    sys.exit(run_cli(sample_main, sys.argv[1:]))
-
-
-def prepare_main(argv: list[str] | None = None) -> int:
-    """`python -m minigpt2.data prepare SOURCE ...`: prepare a corpus, print where it went."""
-    import argparse
-    import json
-
-    from .data import META, prepare
-    from .tokenizer import get_tokenizer
-
-    parser = argparse.ArgumentParser(prog="python -m minigpt2.data")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare", help="tokenise a corpus into cached token shards")
-    p.add_argument("source", help="text file, directory, glob, stdlib or hf:NAME[:CONFIG]")
-    p.add_argument("--tokenizer", default="gpt2", help="byte, gpt2 or path/to/gpt2.tiktoken")
-    p.add_argument("--out-dir", default=None, help="cache directory (default: %(default)s)")
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--decode-errors", choices=("strict", "replace"), default="strict")
-    p.add_argument("--hf-split", default="train")
-    p.add_argument("--text-column", default="text")
-    args = parser.parse_args(argv)
-    out = prepare(
-        args.source,
-        get_tokenizer(args.tokenizer),
-        cache_dir=args.out_dir,
-        val_fraction=args.val_fraction,
-        decode_errors=args.decode_errors,
-        hf_split=args.hf_split,
-        text_column=args.text_column,
-    )
-    meta = json.loads((out / META).read_text())
-    print(
-        f"{out}\n{meta['train_tokens']:,} train and {meta['val_tokens']:,} validation tokens "
-        f"({meta['tokenizer']}, {meta['documents']:,} documents)"
-    )
-    return 0

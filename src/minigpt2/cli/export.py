@@ -1,0 +1,89 @@
+"""`minigpt2 export SOURCE DEST`: the released layout with its tokenizer, or one GGUF file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import MiniGPT2Error
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command's options."""
+    p = argparse.ArgumentParser(
+        prog="minigpt2 export",
+        description="Write a model as transformers' GPT-2 layout (config.json, model.safetensors "
+        "and the tokenizer's files) or, when DEST ends in .gguf, as one GGUF file for llama.cpp.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "source",
+        help="a training out_dir, a checkpoint file (ours or nanoGPT's ckpt.pt) or a model "
+        "directory",
+    )
+    p.add_argument("dest", help="a directory to write (created if needed), or FILE.gguf")
+    p.add_argument(
+        "--checkpoint", choices=("best", "latest"), default="best", help="of a training out_dir"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="byte, gpt2 or path/to/gpt2.tiktoken (None: the one the model was trained with; "
+        "gpt2 for released weights)",
+    )
+    p.add_argument(
+        "--no-tokenizer", action="store_true", help="write the weights without tokenizer files"
+    )
+    p.add_argument("--outtype", default=None, help="GGUF only: f32, f16, bf16 or q8_0 (None: f32)")
+    return p
+
+
+def _tokenizer(model, header, args):
+    """The model's tokenizer, or None when it is not to be written."""
+    from ..checkpoint import tokenizer_for
+
+    if args.no_tokenizer:
+        return None
+    if header is None and args.tokenizer is None and model.config.vocab_size < 50257:
+        raise MiniGPT2Error(
+            f"{args.source} has a {model.config.vocab_size}-token vocabulary, not GPT-2's; "
+            "name its tokenizer with --tokenizer (byte?) or pass --no-tokenizer"
+        )
+    return tokenizer_for(header, args.tokenizer)
+
+
+def export_main(argv: list[str]) -> int:
+    """Export SOURCE to DEST; everything is checked before anything is written."""
+    from ..checkpoint import load_any
+
+    args = parser().parse_args(argv)
+    gguf = args.dest.endswith(".gguf")
+    if args.outtype is not None and not gguf:
+        raise MiniGPT2Error("--outtype applies to a .gguf DEST; the released layout is float32")
+    if gguf:
+        from ..export_gguf import check_outtype
+
+        check_outtype(args.outtype or "f32")
+    model, header = load_any(args.source, args.checkpoint)
+    tokenizer = _tokenizer(model, header, args)
+    if gguf:
+        from ..export_gguf import check_gguf_export, write_gguf
+
+        outtype = args.outtype or "f32"
+        check_gguf_export(model, tokenizer, outtype)
+        if model.config.gelu != "tanh":
+            print(
+                "warning: llama.cpp computes GPT-2's tanh GELU and this model uses the exact "
+                "one: its logits will differ slightly (about 1e-3)",
+                file=sys.stderr,
+            )
+        write_gguf(model, args.dest, tokenizer, outtype)
+        print(f"wrote {args.dest} ({outtype}, {model.num_params():,} parameters)")
+        return 0
+    from ..pretrained import save_pretrained
+
+    written = save_pretrained(model, args.dest, tokenizer)
+    print(f"wrote {args.dest}: {', '.join(written)} ({model.num_params():,} parameters)")
+    if tokenizer is None:
+        print("the export carries no tokenizer (--no-tokenizer)", file=sys.stderr)
+    return 0
