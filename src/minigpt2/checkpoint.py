@@ -93,9 +93,14 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, header
 
 
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under `model.`, the tied head once, no torch.compile prefix."""
+def model_tensors(model: torch.nn.Module, adapters_only: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights under `model.`, the tied head once, no torch.compile prefix; with
+    adapters_only, a LoRA run's adapters alone (its base is named in the header)."""
+    from .lora import adapter_state
+
     model = getattr(model, "_orig_mod", model)
+    if adapters_only:
+        return {f"model.{k}": v.detach() for k, v in adapter_state(model).items()}
     return {f"model.{k}": v for k, v in model.state_dict().items() if k != "lm_head.weight"}
 
 
@@ -190,20 +195,25 @@ def load_model(path: Path, **overrides):
     if is_nanogpt_file(path):
         return load_nanogpt(path, **overrides)
     tensors, header = load_checkpoint(path)
+    if "lora" in header:  # adapters only: the base they name, adapters folded in
+        from .lora import build_lora_model, merge_lora
+
+        return merge_lora(build_lora_model(tensors, header, str(path), **overrides)), header
     model = GPT(GPTConfig.from_dict({**header["model_config"], **overrides}))
     load_model_tensors(model, tensors)
     return model, header
 
 
-def load_any(spec: str, which: str = "best"):
+def load_any(spec: str, which: str = "best", **overrides):
     """(model, checkpoint header or None) from what --model takes: a training out_dir, a
-    checkpoint file, a released-layout directory or a preset name."""
+    checkpoint file, a released-layout directory or a preset name. overrides: as load_model's
+    (a released model takes dropout only)."""
     from .pretrained import load_pretrained
 
     path = find_checkpoint(spec, which)
     if path is not None:
-        return load_model(path)
-    return load_pretrained(spec), None
+        return load_model(path, **overrides)
+    return load_pretrained(spec, dropout=overrides.get("dropout", 0.0)), None
 
 
 def tokenizer_for(header: dict | None, override: str | None = None):

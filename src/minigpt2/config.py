@@ -43,6 +43,13 @@ class TrainConfig:
     vocab_multiple: int = 1  # pad the vocabulary up to a multiple (64 makes GPT-2's 50304)
     attn_impl: str = "sdpa"  # sdpa | math
     pos_embedding: str = "learned"  # learned | sinusoidal (fixed sin/cos table; scratch only)
+    # low-rank adapters (LoRA): train lora_r-rank updates of frozen weights; 0 = off
+    lora_r: int = 0  # rank of the updates (PEFT's default for GPT-2: 8)
+    lora_alpha: float = 16.0  # updates are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05  # on the adapters' input
+    lora_targets: str = "c_attn"  # comma-separated: c_attn, c_proj, c_fc, attn.c_proj, ...
+    base_dtype: str = "float32"  # float32 | bfloat16: how LoRA holds the frozen block weights
+    activation_checkpointing: bool = False  # recompute blocks in the backward: less memory
     # optimisation
     batch_size: int = 12  # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
@@ -84,6 +91,7 @@ class TrainConfig:
             "attn_impl": ("sdpa", "math"),
             "pos_embedding": POS_EMBEDDINGS,
             "data_format": DATA_FORMATS,
+            "base_dtype": ("float32", "bfloat16"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -107,9 +115,27 @@ class TrainConfig:
         for key in (*keys, "hellaswag_examples"):
             if getattr(self, key) < 0:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
+        if self.lora_r < 0:
+            raise MiniGPT2Error(f"lora_r={self.lora_r} must not be negative (0 turns LoRA off)")
+        if self.lora_r:
+            self.lora()  # checks alpha, dropout and targets
+            if self.fsdp:
+                raise MiniGPT2Error("lora_r with fsdp=true is not supported; LoRA runs with DDP")
+            if self.init_from == "scratch":
+                raise MiniGPT2Error(
+                    "LoRA adapts a trained model: set init_from to a released model, a "
+                    "directory or a checkpoint (or lora_r=0 to train from scratch)"
+                )
         if not 0 <= self.min_lr <= self.learning_rate:
             raise MiniGPT2Error(f"min_lr={self.min_lr} must be between 0 and learning_rate")
         return self
+
+    def lora(self):
+        """The run's LoRAConfig (lora_r > 0), from the lora_* keys."""
+        from .lora import LoRAConfig
+
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
 
     def to_toml(self) -> str:
         """The resolved config as TOML, to save beside the checkpoints."""

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import CausalSelfAttention, KVCache, padding_mask
 from .errors import MiniGPT2Error
@@ -163,6 +164,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.activation_checkpointing = False  # a training choice; set by the trainer
         self.apply(self._init_weights)
         # GPT-2 scales the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 * n_layer residual additions (Radford et al. 2019, section 2.3).
@@ -176,6 +178,12 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def set_attn_impl(self, impl: str) -> None:
+        """Switch every block's attention to "sdpa" or "math" (the weights do not change)."""
+        self.config.attn_impl = impl
+        for block in self.transformer.h:
+            block.attn.attn_impl = impl
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, the tied embedding counted once; optionally without the position table."""
@@ -218,7 +226,11 @@ class GPT(nn.Module):
             tok = tok * math.sqrt(self.config.n_embd)
         x = self.transformer.drop(tok + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, mask)
+            if self.activation_checkpointing and self.training and cache is None:
+                # keep only each block's input; recompute its insides in the backward pass
+                x = checkpoint(block, x, None, i, mask, use_reentrant=False)
+            else:
+                x = block(x, cache, i, mask)
         if cache is not None:
             cache.pos += idx.shape[1]
         return self.transformer.ln_f(x)

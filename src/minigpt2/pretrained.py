@@ -128,7 +128,8 @@ def load_pretrained(
     config = config_from_hf(hf, config_path)
     config.dropout = dropout
     tensors = _read_tensors(directory)
-    model = GPT(config)
+    with torch.device("meta"):  # no memory and no random init for weights about to be replaced
+        model = GPT(config)
     load_released_state(model, tensors, directory)
     if block_size is not None and block_size != config.block_size:
         model.crop_block_size(block_size)
@@ -136,9 +137,12 @@ def load_pretrained(
 
 
 def load_released_state(model: GPT, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Copy released-layout tensors into model, transposing Conv1D weights and checking shapes."""
+    """Make released-layout tensors the model's parameters (a model built on the meta device
+    takes them as they are), transposing Conv1D weights and checking shapes. tensors is
+    emptied as it goes, so a large model is held once, not twice."""
     found = {}
-    for key, value in tensors.items():
+    for key in list(tensors):
+        value = tensors.pop(key)
         key = key.removeprefix("transformer.")
         if key.endswith(_MASK_BUFFERS) or key == "lm_head.weight":
             continue  # buffers that are not parameters; the head is tied to wte
@@ -152,23 +156,30 @@ def load_released_state(model: GPT, tensors: dict[str, torch.Tensor], source: Pa
             f"{source}: weights do not match config.json (missing: {missing[:3]}, "
             f"unexpected: {unexpected[:3]}); the config and the weights come from different models"
         )
-    with torch.no_grad():
-        for key, name in expected.items():
-            value = found[key]
-            if key.endswith(CONV1D_WEIGHTS):
-                value = value.t()
-            if value.shape != own[name].shape:
-                raise MiniGPT2Error(
-                    f"{source}: {key} has shape {tuple(found[key].shape)} but config.json "
-                    f"implies {tuple(own[name].shape)}; the config and weights do not match"
-                )
-            own[name].copy_(value)
+    state = {}
+    for key, name in expected.items():
+        value = found.pop(key)
+        if key.endswith(CONV1D_WEIGHTS):
+            value = value.t()
+        if value.shape != own[name].shape:
+            raise MiniGPT2Error(
+                f"{source}: {key} has shape {tuple(value.shape)} but config.json "
+                f"implies {tuple(own[name].shape)}; the config and weights do not match"
+            )
+        state[name] = value.to(torch.float32).contiguous()
+    model.load_state_dict(state, strict=False, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # tied, as in GPT-2
 
 
 def released_state(model: GPT) -> dict[str, torch.Tensor]:
     """The model's weights in the published key spelling and orientation, head left tied. A
     bias=False model gets zero biases, which compute exactly what no bias does."""
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        raise MiniGPT2Error(
+            "the head no longer shares the token embeddings (a merged lm_head LoRA adapter), "
+            "which GPT-2's layout cannot hold; export the adapters with --adapter-only"
+        )
     state = model.state_dict()
     with torch.device("meta"):
         full = GPT(replace(model.config, bias=True)).state_dict()

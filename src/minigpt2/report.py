@@ -54,8 +54,11 @@ class Reporter:
             dynamic_ncols=True,
             desc="train",
         )
+        total = trainer.model.num_params()
+        trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        share = f" ({trained:,} trained: {trained / total:.2%})" if trained < total else ""
         self.say(
-            f"model: {trainer.model.num_params():,} parameters, {trainer.device}, "
+            f"model: {total:,} parameters{share}, {trainer.device}, "
             f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
             f"tokens ({trainer.dist.world_size} process(es))"
         )

@@ -52,9 +52,12 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
             )
     if cfg.block_size < model.config.block_size:
         model.crop_block_size(cfg.block_size)
-    model.config.attn_impl = cfg.attn_impl
-    for block in model.transformer.h:
-        block.attn.attn_impl = cfg.attn_impl
+    if model.lm_head.weight is not model.transformer.wte.weight:
+        raise MiniGPT2Error(
+            f"init_from={cfg.init_from} adapted lm_head with LoRA, which unties the head from "
+            "the token embeddings; a model to train must keep them tied"
+        )
+    model.set_attn_impl(cfg.attn_impl)
     return model
 
 

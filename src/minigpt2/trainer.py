@@ -25,6 +25,7 @@ from .distributed import (
     wrap_model,
 )
 from .errors import MiniGPT2Error
+from .lora import apply_lora, build_lora_model
 from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at
 from .startup import build_model, open_data
@@ -87,10 +88,13 @@ class Trainer:
                     f"the run in {cfg.out_dir} was trained with tokenizer "
                     f"{resume_header['tokenizer']!r}, not {self.tokenizer.name!r}"
                 )
-            self.model = GPT(GPTConfig.from_dict(resume_header["model_config"]))
-            ckpt.load_model_tensors(self.model, resume_tensors)
+            self.model = self._resumed_model(resume_header, resume_tensors)
         else:
             self.model = build_model(cfg, self.tokenizer)
+            self.lora = {"base": cfg.init_from, **cfg.lora().to_dict()} if cfg.lora_r else None
+            if self.lora:
+                apply_lora(self.model, cfg.lora(), self._base_dtype())
+        self.model.activation_checkpointing = cfg.activation_checkpointing
         mc = self.model.config
         if self.tokenizer.vocab_size > mc.vocab_size:
             raise MiniGPT2Error(
@@ -130,6 +134,25 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.out_dir = Path(cfg.out_dir)
+
+    def _base_dtype(self) -> torch.dtype | None:
+        """LoRA's dtype for the frozen block weights (None: as they are)."""
+        return torch.bfloat16 if self.cfg.base_dtype == "bfloat16" else None
+
+    def _resumed_model(self, header: dict, tensors: dict) -> GPT:
+        """The model of a checkpoint to resume: all its weights, or its base and adapters."""
+        self.lora = header.get("lora")
+        if self.lora:
+            source = str(Path(self.cfg.out_dir) / ckpt.LATEST)
+            saved = header["model_config"]
+            model = build_lora_model(
+                tensors, header, source, self._base_dtype(), dropout=saved["dropout"]
+            )
+            model.set_attn_impl(saved["attn_impl"])
+            return model
+        model = GPT(GPTConfig.from_dict(header["model_config"]))
+        ckpt.load_model_tensors(model, tensors)
+        return model
 
     def _read_hellaswag(self) -> tuple[list, list[int]]:
         """HellaSwag's examples, tokenized once, and their labels."""
@@ -182,6 +205,7 @@ class Trainer:
             "tokenizer_spec": self.cfg.tokenizer,
             "data_format": self.data_format,
             "optimizer_groups": groups,
+            **({"lora": self.lora} if self.lora else {}),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
         }
 
@@ -202,7 +226,7 @@ class Trainer:
             }
             state = fsdp_optimizer_state(self.model, self.optimizer) if not weights_only else {}
         else:
-            weights = ckpt.model_tensors(self.model)
+            weights = ckpt.model_tensors(self.model, adapters_only=bool(self.lora))
             by_index = self.optimizer.state_dict()["state"] if not weights_only else {}
             state = {self.param_names[i]: v for i, v in by_index.items()}
         if not self.dist.is_main:

@@ -35,6 +35,11 @@ def parser() -> argparse.ArgumentParser:
         "--no-tokenizer", action="store_true", help="write the weights without tokenizer files"
     )
     p.add_argument("--outtype", default=None, help="GGUF only: f32, f16, bf16 or q8_0 (None: f32)")
+    p.add_argument(
+        "--adapter-only",
+        action="store_true",
+        help="a LoRA run: write its adapters in PEFT's format instead of the merged model",
+    )
     return p
 
 
@@ -58,6 +63,8 @@ def export_main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     gguf = args.dest.endswith(".gguf")
+    if args.adapter_only:
+        return _export_adapters(args, gguf)
     if args.outtype is not None and not gguf:
         raise MiniGPT2Error("--outtype applies to a .gguf DEST; the released layout is float32")
     if gguf:
@@ -86,4 +93,26 @@ def export_main(argv: list[str]) -> int:
     print(f"wrote {args.dest}: {', '.join(written)} ({model.num_params():,} parameters)")
     if tokenizer is None:
         print("the export carries no tokenizer (--no-tokenizer)", file=sys.stderr)
+    return 0
+
+
+def _export_adapters(args, gguf: bool) -> int:
+    """A LoRA run's adapters as PEFT's adapter_model.safetensors + adapter_config.json."""
+    from ..checkpoint import find_checkpoint, load_checkpoint
+    from ..lora import save_peft_adapter
+    from ..nanogpt import is_nanogpt_file
+
+    if gguf:
+        raise MiniGPT2Error("--adapter-only writes PEFT's directory layout, not a .gguf file")
+    path = find_checkpoint(args.source, args.checkpoint)
+    header = None
+    if path is not None and not is_nanogpt_file(path):
+        tensors, header = load_checkpoint(path)
+    if header is None or "lora" not in header:
+        raise MiniGPT2Error(
+            f"--adapter-only exports a LoRA run's adapters and {args.source} has none; "
+            "drop --adapter-only to export the whole model"
+        )
+    written = save_peft_adapter(tensors, header["lora"], args.dest)
+    print(f"wrote {args.dest}: {', '.join(written)} (base: {header['lora']['base']})")
     return 0

@@ -1,0 +1,245 @@
+"""Low-rank adapters (LoRA, Hu et al. 2021): train B @ A beside frozen weights, save only them.
+
+A targeted linear layer computes W x + b + (alpha / r) * B A dropout(x), with A (r, in) drawn as
+nn.Linear draws its weights and B (out, r) zero, so training starts from the base model exactly
+(PEFT's defaults for GPT-2: c_attn, r=8, alpha=16, dropout 0.05). Adapters live on the layer
+as `lora_A` / `lora_B`, so the base keeps its parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MiniGPT2Error
+
+# the targets a user may name (PEFT's GPT-2 module names) -> the layers' own names they match
+TARGETS = {
+    "c_attn": ("attn.c_attn",),
+    "c_proj": ("attn.c_proj", "mlp.c_proj"),
+    "c_fc": ("mlp.c_fc",),
+    "attn.c_proj": ("attn.c_proj",),
+    "mlp.c_proj": ("mlp.c_proj",),
+    "lm_head": ("lm_head",),
+}
+
+
+@dataclass
+class LoRAConfig:
+    """Rank, scale, dropout and target layers of a run's adapters."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ("c_attn",)
+
+    def __post_init__(self) -> None:
+        self.targets = tuple(self.targets)
+        if self.r < 1:
+            raise MiniGPT2Error(f"lora_r={self.r} must be positive (0 turns LoRA off)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MiniGPT2Error(f"lora_dropout={self.dropout} must be in [0, 1)")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise MiniGPT2Error(
+                f"unknown lora_targets {unknown or '[]'}; choose from {', '.join(TARGETS)}"
+            )
+
+    def to_dict(self) -> dict:
+        """Plain dict, for checkpoint headers."""
+        return {"r": self.r, "alpha": self.alpha, "dropout": self.dropout, "targets": self.targets}
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear plus a trainable low-rank update (none when r is 0: a frozen layer
+    whose weight may be held in a lower precision than its input)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors (the head stays tied)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.scaling = r, alpha / max(r, 1)
+        self.dropout = nn.Dropout(dropout)
+        if r:
+            device = base.weight.device
+            self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+            out = F.linear(x, self.weight, self.bias)
+        else:  # a base held in bfloat16 under float32: its product in bfloat16, as autocast's
+            out = F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+        if self.r:
+            out = out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
+        return out
+
+    def delta(self) -> torch.Tensor:
+        """The update B A * scaling the adapters add to the weight (out, in)."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+def _named_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The model's linear layers by name (blocks' four and the head)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, base_dtype: torch.dtype | None = None) -> None:
+    """Freeze every parameter, then give the targeted layers adapters (in place). With
+    base_dtype, the blocks' frozen weight matrices are held in it (bfloat16: half the memory)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    suffixes = tuple(s for t in cfg.targets for s in TARGETS[t])
+    for name, layer in _named_linears(model).items():
+        targeted = name.endswith(suffixes)
+        in_blocks = name != "lm_head"
+        if not targeted and not (base_dtype and in_blocks):
+            continue
+        adapted = LoRALinear(layer, cfg.r if targeted else 0, cfg.alpha, cfg.dropout)
+        if base_dtype is not None and in_blocks:
+            for p in (adapted.weight, adapted.bias):
+                if p is not None:
+                    p.data = p.data.to(base_dtype)
+        _set_module(model, name, adapted)
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters' tensors by parameter name (what a LoRA checkpoint holds)."""
+    model = getattr(model, "_orig_mod", model)
+    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def load_adapters(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy adapter tensors into a model that apply_lora prepared, checking names and shapes."""
+    own = adapter_state(model)
+    if set(own) != set(tensors):
+        missing, extra = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise MiniGPT2Error(
+            f"{source}: adapters do not match the model (missing {missing[:2]}, "
+            f"unexpected {extra[:2]})"
+        )
+    with torch.no_grad():
+        for name, p in own.items():
+            if p.shape != tensors[name].shape:
+                raise MiniGPT2Error(
+                    f"{source}: adapter {name} has shape {tuple(tensors[name].shape)}, the base "
+                    f"model needs {tuple(p.shape)}: the adapter was trained on another base"
+                )
+            p.copy_(tensors[name])
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight and put plain nn.Linear layers back (in place)."""
+    for name, layer in list(_named_linears(model).items()):
+        if not isinstance(layer, LoRALinear):
+            continue
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            weight = layer.weight.float()
+            if layer.r:
+                weight = weight + layer.delta().float()
+            if name == "lm_head":  # tied to wte: the head gets its own weight only if adapted
+                plain.weight = layer.weight if not layer.r else nn.Parameter(weight)
+            else:
+                plain.weight = nn.Parameter(weight)
+            if layer.bias is not None:
+                plain.bias = nn.Parameter(layer.bias.detach().float())
+        _set_module(model, name, plain.to(layer.weight.device))
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def build_lora_model(
+    tensors: dict, header: dict, source: str, base_dtype: torch.dtype | None = None, **overrides
+) -> nn.Module:
+    """The base a LoRA checkpoint names, with its adapters loaded (not merged)."""
+    from .checkpoint import load_any
+
+    saved = header["lora"]
+    try:
+        model, _ = load_any(saved["base"], **overrides)
+    except MiniGPT2Error as e:
+        raise MiniGPT2Error(
+            f"{source} holds adapters for base model {saved['base']!r}, which cannot be "
+            f"loaded ({e}); put that model back where it was"
+        ) from None
+    check_base(model, header["model_config"], source)
+    cfg = LoRAConfig(saved["r"], saved["alpha"], saved["dropout"], tuple(saved["targets"]))
+    apply_lora(model, cfg, base_dtype)
+    adapters = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    load_adapters(model, adapters, source)
+    return model
+
+
+def check_base(model: nn.Module, saved_config: dict, source: str) -> None:
+    """Refuse a base of another shape than the one the adapters were trained on; crop its
+    context to the trained one."""
+    config = model.config
+    shape = ("vocab_size", "n_layer", "n_head", "n_embd", "bias")
+    differ = [k for k in shape if getattr(config, k) != saved_config[k]]
+    if differ or config.block_size < saved_config["block_size"]:
+        raise MiniGPT2Error(
+            f"{source}: the adapters were trained on a base with another shape "
+            f"({', '.join(differ) or 'block_size'} differ); pass the base they were trained on"
+        )
+    if config.block_size > saved_config["block_size"]:
+        model.crop_block_size(saved_config["block_size"])
+
+
+def peft_adapter(tensors: dict[str, torch.Tensor], saved: dict) -> tuple[dict, dict]:
+    """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's LoRA format."""
+    out = {}
+    for name, value in tensors.items():
+        module, _, kind = name.removeprefix("model.").rpartition(".")  # kind: lora_A / lora_B
+        out[f"base_model.model.{module}.{kind}.weight"] = value.detach().float().contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": saved["base"],
+        "r": saved["r"],
+        "lora_alpha": saved["alpha"],
+        "lora_dropout": saved["dropout"],
+        "target_modules": list(saved["targets"]),
+        "fan_in_fan_out": True,  # GPT-2's Conv1D layers store weights (in, out)
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "use_rslora": False,
+        "use_dora": False,
+    }
+    return out, config
+
+
+def save_peft_adapter(tensors: dict[str, torch.Tensor], saved: dict, out_dir) -> list[str]:
+    """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA layout) into out_dir."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .checkpoint import write_atomic
+
+    weights, config = peft_adapter(tensors, saved)
+    out = Path(out_dir)
+    write_atomic(
+        out / "adapter_model.safetensors",
+        lambda p: save_file(weights, p, metadata={"format": "pt"}),
+    )
+    text = json.dumps(config, indent=2) + "\n"
+    write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(text))
+    return ["adapter_model.safetensors", "adapter_config.json"]
