@@ -54,13 +54,18 @@ class TrainConfig:
     batch_size: int = 12  # sequences per micro-step (per process)
     gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
     max_iters: int = 2000  # optimizer steps
-    optimizer: str = "adamw"  # adamw | adam
+    optimizer: str = "adamw"  # adamw | adam | muon (Muon on the blocks' matrices, AdamW beside)
     learning_rate: float = 1e-3  # peak, reached after warmup
     min_lr: float = 1e-4  # end of the decay
     warmup_iters: int = 100  # linear warmup from 0
     lr_decay_iters: int = 0  # 0 = max_iters
     decay: str = "cosine"  # cosine | linear | constant
     weight_decay: float = 0.1  # on matrices only, never biases, LayerNorms or embeddings
+    # optimizer = "muon": torch.optim.Muon (Nesterov momentum orthogonalized by Newton-Schulz)
+    muon_lr: float = 0.02  # its peak rate; the schedule scales it as it scales learning_rate
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0  # decoupled: w -= lr * muon_weight_decay * w
+    muon_adjust_lr: str = "original"  # original: lr*sqrt(max(1, out/in)); or match_rms_adamw
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global gradient norm; 0 = off
@@ -85,7 +90,8 @@ class TrainConfig:
     def check(self) -> TrainConfig:
         """Reject values that are of the right type but make no sense."""
         choices = {
-            "optimizer": ("adamw", "adam"),
+            "optimizer": ("adamw", "adam", "muon"),
+            "muon_adjust_lr": ("original", "match_rms_adamw"),
             "decay": ("cosine", "linear", "constant"),
             "dtype": ("float32", "bfloat16", "float16"),
             "attn_impl": ("sdpa", "math"),
@@ -115,6 +121,11 @@ class TrainConfig:
         for key in (*keys, "hellaswag_examples"):
             if getattr(self, key) < 0:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
+        if self.optimizer == "muon" and (self.fsdp or self.lora_r):
+            raise MiniGPT2Error(
+                "optimizer=muon needs whole weight matrices to orthogonalize: it runs without "
+                "fsdp (FSDP shards them) and without LoRA (whose adapters train with AdamW)"
+            )
         if self.lora_r < 0:
             raise MiniGPT2Error(f"lora_r={self.lora_r} must not be negative (0 turns LoRA off)")
         if self.lora_r:

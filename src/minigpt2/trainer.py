@@ -290,8 +290,8 @@ class Trainer:
         batch, however records fall into micro-batches and ranks (DDP averages over ranks,
         hence the factor world)."""
         lr = lr_at(self.iter, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # Muon's group: scaled to its own peak
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         tokens, counted = self.train_batches.sizes(self.iter, self.global_batch)
         world = self.dist.world_size
         total = torch.zeros((), device=self.device)
