@@ -1,7 +1,7 @@
 """Batched decoding: 8 prompts of different lengths as one left-padded batch against the same
 8 prompts one by one, gpt2 shape, random weights, greedy; runs interleaved, medians.
 
-    python benchmarks/bench_batch.py [--new-tokens 100] [--repeats 3] [--dtype float32]
+    python benchmarks/bench_batch.py [--new-tokens 100] [--repeats 3] [--dtype float32|int8|...]
 """
 
 from __future__ import annotations
@@ -19,14 +19,20 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--new-tokens", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"))
     args = p.parse_args()
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig, layout_for_inference
+    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.inference import layout_for_inference
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig.preset("gpt2")).to(getattr(torch, args.dtype)).eval()
-    gen = Generator(layout_for_inference(model))
+    model = GPT(GPTConfig.preset("gpt2")).eval()
+    if args.dtype == "int8":  # --quantize int8
+        from minigpt2.quantize import quantize_for_decoding
+
+        gen = Generator(quantize_for_decoding(model, "int8"))
+    else:
+        gen = Generator(layout_for_inference(model.to(getattr(torch, args.dtype))))
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True)

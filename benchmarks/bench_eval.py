@@ -76,7 +76,7 @@ def main() -> None:
 
     from minigpt2 import GPT
     from minigpt2.evaluate import hellaswag_correct
-    from minigpt2.generate import layout_for_inference
+    from minigpt2.inference import layout_for_inference
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

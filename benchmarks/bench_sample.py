@@ -1,91 +1,136 @@
-"""Decoding speed on the full gpt2 shape: this project's KV-cached generator against
-transformers' generate(), side by side in one process, same random weights, greedy.
+"""Decoding speed on the full gpt2 shape: this project, transformers' generate() and llama.cpp,
+side by side, interleaved, same random weights, greedy, batch 1.
 
-    python benchmarks/bench_sample.py [--new-tokens 200] [--prompt-tokens 16] [--repeats 3]
+    python benchmarks/bench_sample.py [--new-tokens 200] [--prompt-tokens 16] [--repeats 3] \
+        [--llama-cpp BIN_DIR --tokenizer PATH/gpt2.tiktoken]
+
+Rows: float32, bfloat16, and 8-bit weights (this project's `--quantize int8` against llama.cpp's
+Q8_0; transformers has no CPU int8 path of its own). llama.cpp runs `llama-bench` (token
+generation only, its prompt is not timed) on GGUF files this project writes (`minigpt2 export
+... .gguf`), so all three read the same weights. Effective GB/s = weight bytes read per token
+(the 48 block matrices and the head) x tokens per second.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-
-def bandwidth_gbs() -> float:
-    """Streaming-read bandwidth of this machine (sum over a 1 GiB array), GB/s."""
-    x = torch.ones(256 * 1024 * 1024)
-    x.sum()
-    best = min(_timed(x.sum) for _ in range(5))
-    return x.numel() * 4 / best / 1e9
+ROWS = ("float32", "bfloat16", "int8")
+LLAMA_TYPES = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0, "q8_0": 34 / 32}  # per matrix weight
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def llama_rate(binary: Path, gguf: Path, n: int) -> float:
+    """llama-bench's token-generation rate (tok/s) for n tokens, one run."""
+    out = subprocess.run(
+        [str(binary), "-m", str(gguf), "-p", "0", "-n", str(n), "-t", str(torch.get_num_threads()),
+         "-r", "1", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return float(json.loads(out)[0]["avg_ts"])
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--llama-cpp", default=None, help="directory holding llama-bench")
+    p.add_argument("--tokenizer", default=None, help="gpt2.tiktoken, for the GGUF vocabulary")
     args = p.parse_args()
     import transformers
 
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig, layout_for_inference
+    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.inference import layout_for_inference
+    from minigpt2.quantize import quantize_for_decoding
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
-        state = GPT.from_pretrained(tmp).state_dict()
+    tmp = tempfile.TemporaryDirectory()
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).save_pretrained(tmp.name)
+    state = GPT.from_pretrained(tmp.name).state_dict()
+    hf = {
+        d: transformers.GPT2LMHeadModel.from_pretrained(tmp.name, dtype=getattr(torch, d)).eval()
+        for d in ("float32", "bfloat16")
+    }
+    gens = {}
+    for row in ROWS:
+        model = GPT(GPTConfig.preset("gpt2")).eval()
+        model.load_state_dict(state)
+        if row == "int8":
+            model = quantize_for_decoding(model, "int8")
+        else:
+            model = layout_for_inference(model.to(getattr(torch, row)))
+        gens[row] = Generator(model)
+    gguf = {}
+    if args.llama_cpp:
+        from minigpt2.export_gguf import write_gguf
+        from minigpt2.tokenizer import get_tokenizer
+
+        tok = get_tokenizer(args.tokenizer or "gpt2")
+        source = GPT(GPTConfig.preset("gpt2"))
+        source.load_state_dict(state)
+        for row, kind in LLAMA_TYPES.items():
+            gguf[row] = Path(tmp.name) / f"gpt2-{kind}.gguf"
+            write_gguf(source, gguf[row], tok, kind)
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
     n = args.new_tokens
     cfg = SamplingConfig(max_new_tokens=n, greedy=True)
-    params = sum(v.numel() for k, v in state.items() if k != "lm_head.weight")
-    bw = bandwidth_gbs()
+    matrices = sum(v.numel() for k, v in state.items() if v.dim() == 2 and "transformer.w" not in k)
     print(
-        f"gpt2 shape, {params:,} parameters; batch 1, {args.prompt_tokens}-token prompt, "
-        f"{n} new greedy tokens; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} threads"
+        f"gpt2 shape, {matrices:,} matrix weights read per token; batch 1, {args.prompt_tokens}-"
+        f"token prompt, {n} new greedy tokens; torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats"
     )
-    print(f"streaming read bandwidth: {bw:.1f} GB/s")
-    for dtype in (torch.float32, torch.bfloat16):
-        hf.to(dtype)
-        ours = GPT(GPTConfig.preset("gpt2")).eval()  # a fresh copy: decoding layouts are final
-        ours.load_state_dict(state)
-        gen = Generator(layout_for_inference(ours.to(dtype)))
-        bound = bw * 1e9 / (params * torch.finfo(dtype).bits / 8)
-        times: dict[str, list[float]] = {"minigpt2": [], "transformers": []}
-        tokens = {}
-        with torch.inference_mode():
-            for _ in range(args.repeats):  # interleaved, so both see the same machine state
+    rates: dict[tuple[str, str], list[float]] = {}
+    tokens = {}
+    with torch.inference_mode():
+        for _ in range(args.repeats):  # interleaved: every engine sees the same machine state
+            for row in ROWS:
                 t = time.perf_counter()
-                tokens["minigpt2"] = gen.generate([prompt[0].tolist()], cfg)[0]
-                times["minigpt2"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                out = hf.generate(
-                    prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=50256
-                )
-                times["transformers"].append(time.perf_counter() - t)
-                tokens["transformers"] = out[0, args.prompt_tokens :].tolist()
-        rates = {k: n / statistics.median(v) for k, v in times.items()}
-        same = tokens["minigpt2"] == tokens["transformers"]
-        name = str(dtype).removeprefix("torch.")
-        ratio = rates["minigpt2"] / rates["transformers"]
-        print(
-            f"{name}: minigpt2 {rates['minigpt2']:.1f} tok/s, transformers "
-            f"{rates['transformers']:.1f} tok/s, ratio {ratio:.2f}x; "
-            f"bandwidth bound {bound:.1f} tok/s (minigpt2 at {rates['minigpt2'] / bound:.0%}); "
-            f"identical tokens: {same}"
+                tokens[("minigpt2", row)] = gens[row].generate([prompt[0].tolist()], cfg)[0]
+                rates.setdefault(("minigpt2", row), []).append(n / (time.perf_counter() - t))
+                if row in hf:
+                    t = time.perf_counter()
+                    out = hf[row].generate(prompt, do_sample=False, max_new_tokens=n,
+                                           min_new_tokens=n, pad_token_id=50256)  # fmt: skip
+                    rates.setdefault(("transformers", row), []).append(
+                        n / (time.perf_counter() - t)
+                    )
+                    tokens[("transformers", row)] = out[0, args.prompt_tokens :].tolist()
+                if row in gguf:
+                    rate = llama_rate(Path(args.llama_cpp) / "llama-bench", gguf[row], n)
+                    rates.setdefault(("llama.cpp", row), []).append(rate)
+    for row in ROWS:
+        ours = statistics.median(rates[("minigpt2", row)])
+        line = (
+            f"{row:<9} minigpt2 {ours:6.1f} tok/s ({ours * matrices * BYTES[row] / 1e9:4.1f} GB/s)"
         )
-        sys.stdout.flush()
+        if ("transformers", row) in rates:
+            theirs = statistics.median(rates[("transformers", row)])
+            same = tokens[("minigpt2", row)] == tokens[("transformers", row)]
+            line += f" | transformers {theirs:6.1f} ({ours / theirs:.2f}x, same tokens: {same})"
+        if ("llama.cpp", row) in rates:
+            llama = statistics.median(rates[("llama.cpp", row)])
+            kind = LLAMA_TYPES[row]
+            gbs = llama * matrices * BYTES["q8_0" if kind == "q8_0" else row] / 1e9
+            line += f" | llama.cpp {kind} {llama:6.1f} ({gbs:4.1f} GB/s): {ours / llama:.2f}x"
+        print(line)
+    if ("minigpt2", "int8") in tokens:
+        a, b = tokens[("minigpt2", "int8")], tokens[("minigpt2", "bfloat16")]
+        agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
+        print(f"int8 greedy tokens equal bfloat16's for the first {agree} of {len(a)}")
+    sys.stdout.flush()
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -297,7 +297,7 @@ def test_cli_prompt_longer_than_context_keeps_its_end(byte_run, tmp_path):
 def test_decoding_layout_keeps_logits_and_tokens(pack):
     import copy
 
-    from minigpt2.generate import PackedLinear, layout_for_inference
+    from minigpt2.inference import PackedLinear, layout_for_inference
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=64))

@@ -56,7 +56,7 @@ class MiniGPT2LM(TemplateLM):
         super().__init__()
         from .checkpoint import load_any, tokenizer_for
         from .device import resolve_device, resolve_dtype
-        from .generate import layout_for_inference
+        from .inference import layout_for_inference
         from .model import GPT
 
         if isinstance(pretrained, GPT):  # a copy: the inference layout below is final

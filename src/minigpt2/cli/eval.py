@@ -39,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--quantize", default=None, help="int8: as minigpt2 sample --quantize")
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
     p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
@@ -49,7 +50,8 @@ def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
     from ..checkpoint import load_any, tokenizer_for
     from ..device import resolve_device, resolve_dtype
-    from ..generate import layout_for_inference
+    from ..inference import layout_for_inference
+    from ..quantize import check_scheme, quantize_for_decoding
 
     args = parser().parse_args(argv)
     if args.task not in TASKS:
@@ -64,9 +66,15 @@ def eval_main(argv: list[str]) -> int:
         raise MiniGPT2Error("--task perplexity needs --data (a text file, directory, ...)")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.quantize:
+        check_scheme(args.quantize)
     model, header = load_any(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer)
-    layout_for_inference(model.to(device=device, dtype=dtype).eval())
+    model.to(device=device, dtype=dtype).eval()
+    if args.quantize:
+        model = quantize_for_decoding(model, args.quantize)
+    else:
+        layout_for_inference(model)
     run = _perplexity if args.task == "perplexity" else _hellaswag
     result = {"task": args.task, "model": args.model, **run(model, tok, args)}
     if args.json:

@@ -57,6 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument(
+        "--quantize",
+        default=None,
+        help="int8: weight-only int8 (per output channel) with bfloat16 activations, in memory",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     return p
 
@@ -89,7 +94,8 @@ def _prompt_ids(tok, text: str, block: int) -> list[int]:
 def sample_main(argv: list[str]) -> int:
     """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
     from ..device import resolve_device, resolve_dtype
-    from ..generate import GenerationStats, Generator, SamplingConfig, layout_for_inference
+    from ..generate import GenerationStats, Generator, SamplingConfig
+    from ..inference import layout_for_inference
     from ..records import RECORD_FORMATS, read_prompts, wrap_prompt
 
     args = parser().parse_args(argv)
@@ -98,6 +104,10 @@ def sample_main(argv: list[str]) -> int:
     for name in ("num_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.quantize:
+        from ..quantize import check_scheme, quantize_for_decoding
+
+        check_scheme(args.quantize)
     model, header = load_any(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer)
     if args.batch_file and (args.prompt or args.prompt_file):
@@ -128,7 +138,11 @@ def sample_main(argv: list[str]) -> int:
         seed=args.seed,
     ).check()
     model.to(device=device, dtype=dtype)
-    gen = Generator(layout_for_inference(model, pack=not args.compile), vocab_limit=tok.vocab_size)
+    if args.quantize:
+        model = quantize_for_decoding(model, args.quantize)
+    else:
+        model = layout_for_inference(model, pack=not args.compile)
+    gen = Generator(model, vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()
     if args.batch_file:
