@@ -207,3 +207,99 @@ def test_two_processes_match_one_on_records_and_hellaswag(tmp_path):
         for rows in (metrics(tmp_path / "one"), metrics(tmp_path / "two"))
     ]
     assert len(scored[0]) == 3 and scored[0] == scored[1]
+
+
+def test_mfu_divides_the_global_rate_by_every_device(tmp_path, monkeypatch):
+    """tokens_per_sec counts the global batch, so MFU's peak is world_size devices' peak."""
+    from types import SimpleNamespace
+
+    import minigpt2.report as report
+    from minigpt2 import GPT, GPTConfig
+    from minigpt2.config import TrainConfig
+
+    monkeypatch.setattr(report, "peak_flops", lambda device, dtype: 1e12)
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
+    for world in (1, 4):
+        trainer = SimpleNamespace(
+            dist=SimpleNamespace(world_size=world, is_main=True),
+            cfg=TrainConfig(out_dir=str(tmp_path / str(world)), progress=False, max_iters=1),
+            model=model, block_size=8, device="cpu", dtype=torch.float32, iter=0,
+            tokens_seen=0, global_batch=4, data_note=None,
+        )  # fmt: skip
+        assert report.Reporter(trainer).peak == 1e12 * world
+
+
+def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """SIGTERM to rank 1 only (a preemption or a kill of one process): both ranks save at the
+    same step and exit 143, and the run resumes."""
+    import signal
+    import time
+
+    args = tiny(tmp_path, "run", max_iters=100000, eval_interval=100000,
+                checkpoint_interval=100000, log_interval=1)  # fmt: skip
+    procs = launch(2, args, tmp_path)
+    metrics_file = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (
+        metrics_file.exists() and len(metrics_file.read_text().splitlines()) >= 3
+    ):
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    results = finish(procs)
+    for code, _, err in results:
+        assert code == 143, err
+        assert "Traceback" not in err
+    from minigpt2.checkpoint import load_checkpoint
+
+    _, header = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")
+    assert header["iter"] >= 3
+    run_world(1, [f"--out_dir={tmp_path / 'run'}", "--init_from=resume",
+                  f"--max_iters={header['iter'] + 1}"], tmp_path)  # fmt: skip
+
+
+def test_each_rank_draws_its_own_dropout_and_resumes_its_own_stream(tmp_path):
+    """Two ranks with dropout: their generators differ, each is saved, and a resumed run
+    equals the uninterrupted one."""
+    from minigpt2.checkpoint import load_checkpoint
+
+    common = dict(dropout=0.1, max_iters=4)
+    run_world(2, tiny(tmp_path, "full", **common), tmp_path)
+    run_world(2, tiny(tmp_path, "a", **{**common, "max_iters": 2}), tmp_path)
+    tensors, _ = load_checkpoint(tmp_path / "a" / "ckpt.safetensors")
+    assert not torch.equal(tensors["rng.rank0.torch_cpu"], tensors["rng.rank1.torch_cpu"])
+    run_world(2, [f"--out_dir={tmp_path / 'a'}", "--init_from=resume", "--max_iters=4"], tmp_path)
+    assert_same_run(tmp_path / "full", tmp_path / "a")
+
+
+def _turns_worker(rank: int, world: int, init: str, log: str) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from minigpt2.distributed import DistContext, in_turns
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+
+    def work():
+        with open(log, "a") as f:
+            f.write(f"{rank} start {time.monotonic()}\n")
+        time.sleep(0.3 if rank == 0 else 0.0)  # rank 0 prepares; the others find the cache
+        with open(log, "a") as f:
+            f.write(f"{rank} end {time.monotonic()}\n")
+        return rank
+
+    assert in_turns(DistContext(rank, rank, world), work) == rank
+    dist.destroy_process_group()
+
+
+def test_rank_zero_prepares_first_and_the_others_wait_for_it(tmp_path):
+    """Corpus preparation runs on rank 0 before any other rank starts it (one tokenization,
+    one .partial folder), then on the others, which find the prepared cache."""
+    import torch.multiprocessing as mp
+
+    log = tmp_path / "log"
+    mp.spawn(_turns_worker, args=(3, f"file://{tmp_path / 'init'}", str(log)), nprocs=3)
+    events = [line.split() for line in log.read_text().splitlines()]
+    end0 = next(float(t) for r, what, t in events if r == "0" and what == "end")
+    starts = [float(t) for r, what, t in events if r != "0" and what == "start"]
+    assert len(starts) == 2 and min(starts) >= end0

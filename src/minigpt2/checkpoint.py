@@ -148,7 +148,7 @@ def merged_param_groups(saved: list[dict], current: list[dict]) -> list[dict]:
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
-    """Random-number generator states (dropout draws from these)."""
+    """This process's random-number generator states (dropout draws from these)."""
     out = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
@@ -156,8 +156,23 @@ def rng_tensors() -> dict[str, torch.Tensor]:
     return out
 
 
-def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
-    """Put the generators back as rng_tensors found them."""
+def ranked_rng_tensors(per_rank: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Every rank's generator states (rng.rankR.*), and rank 0's under the plain names."""
+    out = {k: v.clone() for k, v in per_rank[0].items()}  # safetensors stores no shared tensors
+    for rank, states in enumerate(per_rank):
+        out |= {f"rng.rank{rank}.{k.removeprefix('rng.')}": v for k, v in states.items()}
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor], rank: int = 0) -> bool:
+    """Put this rank's generators back as they were saved; False when the checkpoint has no
+    state of this rank's own (it came from fewer processes), so rank 0's was restored."""
+    prefix = f"rng.rank{rank}."
+    own = any(k.startswith(prefix) for k in tensors)
+    if own:
+        tensors = {
+            f"rng.{k.removeprefix(prefix)}": v for k, v in tensors.items() if k.startswith(prefix)
+        }
     torch.set_rng_state(tensors["rng.torch_cpu"])
     cuda = [
         tensors[f"rng.cuda.{i}"]
@@ -166,6 +181,7 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
     ]
     if cuda and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+    return own or rank == 0
 
 
 def find_checkpoint(spec: str, which: str = "best") -> Path | None:

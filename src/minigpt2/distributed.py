@@ -58,6 +58,29 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
     return DistContext(rank, local_rank, world), device
 
 
+def in_turns(ctx: DistContext, work):
+    """work() on every rank, rank 0 first, then the first rank of each other machine, then the
+    rest: one process fills a shared cache (a corpus' token shards) and the others find it
+    there, instead of every rank preparing the same corpus at once. Waits last as long as the
+    work takes (a gloo group with a week's timeout), not dist_timeout. A failed turn is raised
+    after the last barrier, so the others still take theirs and report the same error."""
+    if not ctx.enabled:
+        return work()
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+    turn = 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+    result, error = None, None
+    for phase in range(3):  # every rank passes all three barriers, whatever its work did
+        if phase == turn:
+            try:
+                result = work()
+            except BaseException as e:  # re-raised once the others have had their turn
+                error = e
+        dist.barrier(group=group)
+    if error is not None:
+        raise error
+    return result
+
+
 def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, fsdp: bool):
     """The module to train: model itself alone, DDP around it, or model sharded in place with
     FSDP (one unit per block plus the root, which holds the tied embedding)."""
@@ -114,6 +137,24 @@ def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     value = value.detach().clone()
     dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value / ctx.world_size
+
+
+def all_gathered(obj, ctx: DistContext) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] when alone)."""
+    if not ctx.enabled:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def max_across_ranks(value: int, ctx: DistContext, device: torch.device) -> int:
+    """The largest of an integer over all ranks (value itself when alone)."""
+    if not ctx.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
 
 
 def lost_contact(error: BaseException) -> bool:

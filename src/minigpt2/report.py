@@ -34,7 +34,9 @@ class Reporter:
         self.active = trainer.dist.is_main
         cfg = trainer.cfg
         self.flops_per_token = trainer.model.flops_per_token(trainer.block_size)
-        self.peak = peak_flops(trainer.device, trainer.dtype) if self.active else None
+        # tokens per second count the global batch, so the peak is that of every device
+        world = trainer.dist.world_size
+        self.peak = peak_flops(trainer.device, trainer.dtype) * world if self.active else None
         self.mark = (trainer.iter, trainer.tokens_seen, time.perf_counter())
         self.bar = None
         if not self.active:

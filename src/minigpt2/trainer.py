@@ -18,8 +18,11 @@ from .batches import Batch, Batches, RecordBatches
 from .config import TrainConfig
 from .device import autocast, resolve_device, resolve_dtype
 from .distributed import (
+    all_gathered,
+    in_turns,
     init_distributed,
     lost_contact,
+    max_across_ranks,
     mean_across_ranks,
     shutdown,
     wrap_model,
@@ -80,7 +83,8 @@ class Trainer:
             )
         self.micro_steps = cfg.gradient_accumulation_steps // world
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps
-        self.data_format, data = open_data(cfg, self.tokenizer, self.dist.is_main)
+        opened = in_turns(self.dist, lambda: open_data(cfg, self.tokenizer, self.dist.is_main))
+        self.data_format, data = opened
         torch.manual_seed(cfg.seed)
         if resume_header is not None:
             if resume_header["tokenizer_hash"] != self.tokenizer.fingerprint:
@@ -95,6 +99,8 @@ class Trainer:
             if self.lora:
                 apply_lora(self.model, cfg.lora(), self._base_dtype())
         self.model.activation_checkpointing = cfg.activation_checkpointing
+        if self.dist.rank:  # the same initial weights everywhere; each rank its own dropout
+            torch.manual_seed(cfg.seed + self.dist.rank)
         mc = self.model.config
         if self.tokenizer.vocab_size > mc.vocab_size:
             raise MiniGPT2Error(
@@ -184,7 +190,8 @@ class Trainer:
             )
         if header.get("scaler"):
             self.scaler.load_state_dict(header["scaler"])
-        ckpt.restore_rng(tensors)
+        if not ckpt.restore_rng(tensors, self.dist.rank):  # more ranks now than then
+            torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * header["iter"])
         self.iter, self.best_val = header["iter"], header["best_val_loss"]
         self.elapsed_before = header.get("elapsed", 0.0)
 
@@ -229,11 +236,12 @@ class Trainer:
             weights = ckpt.model_tensors(self.model, adapters_only=bool(self.lora))
             by_index = self.optimizer.state_dict()["state"] if not weights_only else {}
             state = {self.param_names[i]: v for i, v in by_index.items()}
+        rng = all_gathered(ckpt.rng_tensors(), self.dist) if not weights_only else []
         if not self.dist.is_main:
             return
         tensors = dict(weights)
         if not weights_only:
-            tensors |= ckpt.optimizer_tensors(state) | ckpt.rng_tensors()
+            tensors |= ckpt.optimizer_tensors(state) | ckpt.ranked_rng_tensors(rng)
         ckpt.save_checkpoint(self.out_dir / path_name, tensors, self.header())
 
     @torch.no_grad()
@@ -362,13 +370,16 @@ class Trainer:
         last_eval: dict = {}
         while self.iter < cfg.max_iters:
             loss = self.train_step()
+            # A signal may reach one rank only (a kill of one process, a node's preemption):
+            # every rank learns of it at the same step, so they checkpoint and stop together.
+            stop = max_across_ranks(interrupted.signal or 0, self.dist, self.device)
             at_end = self.iter == cfg.max_iters
             evaluate = self.iter % cfg.eval_interval == 0 or at_end
             save = self.iter % cfg.checkpoint_interval == 0 or at_end
             log = self.iter % cfg.log_interval == 0 or evaluate
             # Reading the loss syncs a GPU, so there it is read only where it matters: before
             # logging and before every checkpoint, so that a non-finite model is never saved.
-            if log or save or interrupted.signal is not None or self.device.type == "cpu":
+            if log or save or stop or self.device.type == "cpu":
                 value = mean_across_ranks(loss, self.dist).item()
                 if not math.isfinite(value):
                     raise MiniGPT2Error(
@@ -385,9 +396,9 @@ class Trainer:
             reporter.step()
             if save:
                 self.save()
-            if interrupted.signal is not None:
+            if stop:
                 self.save()
-                name = signal.Signals(interrupted.signal).name
+                name = signal.Signals(stop).name
                 return {"interrupted": name, "iter": self.iter, **last_eval}
         return {
             "iter": self.iter,
