@@ -83,20 +83,73 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert (a / "meta.json").stat().st_mtime_ns == mtime  # not rewritten
     write(src, "second version " * 50)
     b = prepare(str(src), BYTE, cache_dir=cache, progress=False)
-    assert b != a
+    assert b != a and not a.exists()  # the superseded preparation is removed
     c = prepare(str(src), BYTE, cache_dir=cache, val_fraction=0.2, progress=False)
-    assert c != b
+    assert c == b  # one preparation serves every val_fraction: the split is made on reading
+    assert len(open_corpus(str(src), BYTE, cache_dir=cache, val_fraction=0.2).val) == 150
+    assert len(open_corpus(str(src), BYTE, cache_dir=cache, val_fraction=0.1).val) == 75
     if GPT2_TIKTOKEN.is_file():
         tok = get_tokenizer(str(GPT2_TIKTOKEN))
         assert prepare(str(src), tok, cache_dir=cache, progress=False) not in (a, b, c)
+
+
+def test_same_size_edit_with_the_mtime_kept_is_prepared_again(tmp_path):
+    src = write(tmp_path / "a.txt", "abcdefgh " * 100)
+    cache = tmp_path / "c"
+    a = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    stat = src.stat()
+    write(src, "abcdefgX " * 100)  # same size
+    os.utime(src, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the old mtime
+    b = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    assert b != a and bytes(load_prepared(b, BYTE).train.window(0, 9).tolist()) == b"abcdefgX "
+
+
+def test_damaged_cache_is_prepared_again(tmp_path):
+    src = write(tmp_path / "a.txt", "some text " * 1000)
+    cache = tmp_path / "c"
+    out = prepare(str(src), BYTE, cache_dir=cache, progress=False)
+    shard = out / "shard-00000.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100])  # truncated on disk
+    assert prepare(str(src), BYTE, cache_dir=cache, progress=False) == out
+    assert shard.read_bytes() == good
+    (out / "meta.json").unlink()  # meta.json lost
+    assert prepare(str(src), BYTE, cache_dir=cache, progress=False) == out
+    assert load_prepared(out, BYTE).meta["total_tokens"] == 10001
+
+
+def test_two_writers_sharing_a_cache_both_finish(tmp_path):
+    """Two preparations of one corpus at once in one process (the same PID, as in two
+    containers): each writes its own partial folder; one finished cache results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = write(tmp_path / "a.txt", "shared text " * 20000)
+    cache = tmp_path / "c"
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(prepare, str(src), BYTE, cache_dir=cache, progress=False)]
+        runs.append(pool.submit(prepare, str(src), BYTE, cache_dir=cache, progress=False))
+        outs = [r.result() for r in runs]
+    assert outs[0] == outs[1] and load_prepared(outs[0], BYTE).meta["total_tokens"] == 240001
+    assert [p.name for p in cache.iterdir()] == [outs[0].name]
+
+
+def test_unwritable_cache_is_one_line_and_leaves_nothing(tmp_path):
+    src = write(tmp_path / "a.txt", "text " * 100)
+    blocker = write(tmp_path / "file", "not a directory")
+    with pytest.raises(MiniGPT2Error, match=r"cannot write the data cache at .*file/cache"):
+        prepare(str(src), BYTE, cache_dir=blocker / "cache", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file"]
 
 
 def test_killed_preparation_is_never_taken_as_finished(tmp_path):
     src = write(tmp_path / "a.txt", "some text " * 1000)
     cache = tmp_path / "c"
     out = prepare(str(src), BYTE, cache_dir=cache, progress=False)
-    # simulate a writer killed midway: the partial directory exists, meta.json does not
-    os.rename(out, out.with_name(out.name + ".partial-999999"))
+    # simulate a writer killed midway: the partial directory exists, meta.json does not, and
+    # nobody has touched it for longer than STALE_SECONDS
+    partial = out.with_name(out.name + ".partial-otherhost-0a1b2c")
+    os.rename(out, partial)
+    os.utime(partial, (1, 1))
     again = prepare(str(src), BYTE, cache_dir=cache, progress=False)
     assert again == out and (out / "meta.json").is_file()
     assert not list(cache.glob("*.partial-*"))  # the dead writer's leftovers are cleaned up

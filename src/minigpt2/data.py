@@ -5,20 +5,24 @@
 SOURCE is a text file, a directory, a glob, `stdlib` (this Python's standard-library sources)
 or `hf:NAME[:CONFIG]` (a Hugging Face dataset, streamed). Documents are joined by the
 end-of-text token. The output directory holds flat token shards (numpy.memmap-able) and
-meta.json; validation is the last `val_fraction` of all tokens.
+meta.json. Validation is the last `val_fraction` of all tokens, chosen when the corpus is read.
 """
 
 from __future__ import annotations
 
 import codecs
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import socket
 import sys
 import sysconfig
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +56,24 @@ class Source:
     text_column: str = "text"
 
     def fingerprint(self) -> list:
-        """What identifies this corpus' content for the cache: paths, sizes and mtimes."""
+        """What identifies this corpus' content for the cache: each file's path and a digest of
+        its bytes (an edit that keeps the size and the mtime still counts; hashing reads the
+        corpus once, at about 1 GB/s). A Hugging Face dataset: its name, split and column,
+        and the files when the name is a local folder."""
         if self.hf:
-            return [self.spec, self.hf_split, self.text_column]
-        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self.files]
+            local = Path(self.hf[0]).expanduser()
+            files = sorted(f for f in local.rglob("*") if f.is_file()) if local.is_dir() else []
+            return [self.spec, self.hf_split, self.text_column, *map(_file_digest, files)]
+        return [_file_digest(f) for f in self.files]
+
+
+def _file_digest(path: Path) -> tuple[str, str]:
+    """(path, blake2b of the file's bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return str(path), h.hexdigest()
 
 
 def resolve_source(spec: str, hf_split: str = "train", text_column: str = "text") -> Source:
@@ -203,17 +221,54 @@ def _encode_pieces(tokenizer: Tokenizer, pieces: list[tuple[str, bool]]) -> np.n
     return np.concatenate(out) if out else eot[:0]
 
 
+# a full, read-only, over-quota or forbidden cache: the user must point it elsewhere
+_CACHE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR)
+STALE_SECONDS = 600  # a partial preparation untouched this long has lost its writer
+
+
 def _remove_stale_partials(out: Path) -> None:
-    """Delete half-written preparations of out whose writer process is gone."""
+    """Delete half-written preparations of out whose writer is gone. Writers may run on other
+    machines sharing the cache, so a PID says nothing: each writer touches its folder after
+    every batch, and one left untouched for STALE_SECONDS is abandoned."""
     for partial in out.parent.glob(out.name + ".partial-*"):
-        pid = int(partial.name.rsplit("-", 1)[-1]) if partial.name[-1].isdigit() else 0
         try:
-            os.kill(pid, 0)
-            if pid:
-                continue  # still being written by a live process
-        except (ProcessLookupError, PermissionError, ValueError):
-            pass
-        shutil.rmtree(partial, ignore_errors=True)
+            idle = time.time() - partial.stat().st_mtime
+        except OSError:
+            continue  # renamed or removed meanwhile
+        if idle > STALE_SECONDS:
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def finished(out: Path) -> bool:
+    """Whether out holds a complete preparation: meta.json, and every shard at its size."""
+    try:
+        meta = json.loads((out / META).read_text())
+        size = np.dtype(meta["dtype"]).itemsize
+        return all((out / s["file"]).stat().st_size == s["tokens"] * size for s in meta["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _remove_superseded(out: Path, source: str, tokenizer: Tokenizer) -> None:
+    """Delete earlier preparations of the same source and tokenizer (its content changed
+    since): they would never be read again. A run still reading one keeps its mapped pages."""
+    for other in out.parent.glob(out.name.rsplit("-", 1)[0] + "-*"):
+        if other == out or ".partial-" in other.name or not other.is_dir():
+            continue
+        try:
+            meta = json.loads((other / META).read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("source") == source and meta.get("tokenizer_hash") == tokenizer.fingerprint:
+            shutil.rmtree(other, ignore_errors=True)
+
+
+def _cache_error(where: Path, e: OSError) -> MiniGPT2Error:
+    """The one-line error for a cache directory that cannot be written."""
+    return MiniGPT2Error(
+        f"cannot write the data cache at {where} ({e.strerror or e}); choose another with "
+        "--data_cache=DIR (or --out-dir for prepare) or $MINIGPT2_DATA_CACHE"
+    )
 
 
 def prepare(
@@ -241,19 +296,24 @@ def prepare(
         source=source.spec,
         content=source.fingerprint(),
         tokenizer=tokenizer.fingerprint,
-        val_fraction=val_fraction,
         errors=decode_errors,
-    )
+    )  # not val_fraction: the split is made when the corpus is read, so one cache serves all
     key = hashlib.sha256(json.dumps(identity, default=str).encode()).hexdigest()
     slug = "".join(c if c.isalnum() else "_" for c in Path(spec.split(":")[-1]).name)[:40]
     out = Path(cache_dir or default_cache_dir()) / f"{slug}-{tokenizer.name}-{key[:16]}"
-    if (out / META).is_file():
+    if finished(out):
         return out  # finished earlier: meta.json is written last, then the directory renamed
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    if out.exists():  # damaged since (a shard cut short, meta.json lost): prepare it again
+        shutil.rmtree(out, ignore_errors=True)
+    # A writer is a host and a random token, never a PID alone: PIDs repeat across machines
+    # and containers that share the cache.
+    tmp = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{secrets.token_hex(6)}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out)
+        tmp.mkdir()
+    except OSError as e:
+        raise _cache_error(out.parent, e) from None
     try:
         writer = _ShardWriter(tmp, tokenizer.token_dtype(), shard_tokens)
         total_chars = sum(f.stat().st_size for f in source.files) or None
@@ -272,6 +332,7 @@ def prepare(
             documents += piece[1]
             if chars >= BATCH_CHARS:
                 writer.write(_encode_pieces(tokenizer, batch))
+                os.utime(tmp)  # alive: see _remove_stale_partials
                 bar.update(chars)
                 batch, chars = [], 0
         writer.write(_encode_pieces(tokenizer, batch))
@@ -302,6 +363,12 @@ def prepare(
             os.rename(tmp, out)
         except OSError:  # another process finished the same preparation first
             shutil.rmtree(tmp, ignore_errors=True)
+        _remove_superseded(out, source.spec, tokenizer)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _CACHE_ERRNOS:
+            raise _cache_error(out.parent, e) from None
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
