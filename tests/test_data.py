@@ -310,3 +310,27 @@ def test_hf_dataset_source_streams_a_local_dataset(tmp_path, monkeypatch):
     for r in rows:
         expected += list(r["content"].encode()) + [256]
     assert tokens.tolist() == expected and data.meta["documents"] == 5
+
+
+@pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE file at {GPT2_TIKTOKEN}")
+def test_long_texts_are_cut_where_tokens_do_not_change(tmp_path, monkeypatch):
+    """A 600k-character hf: row and 1M characters without whitespace are cut into pieces, and
+    their tokens equal the whole text's."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    tok = get_tokenizer(str(GPT2_TIKTOKEN))
+    rng = np.random.default_rng(0)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ'0123456789"))
+    words = ["".join(rng.choice(letters, rng.integers(1, 12))) for _ in range(20000)]
+    spaces = rng.choice([" ", " ", " ", "  ", "\n", "\n\n", " \n"], len(words))
+    row = "".join(w + s for w, s in zip(words, spaces, strict=True))
+    row = (row * (600_000 // len(row) + 1))[:600_000]
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"text": row}) + "\n")
+    glued = "".join(rng.choice(list("abcXYZ.,;:!?-'0123"), 1_000_000))  # no whitespace at all
+    for spec, text in ((f"hf:{folder}", row), (str(write(tmp_path / "g.txt", glued)), glued)):
+        data = load_prepared(prepare(spec, tok, cache_dir=tmp_path / "c", progress=False), tok)
+        tokens = np.concatenate([r.window(0, len(r)) for r in (data.train, data.val)])
+        assert tokens.tolist() == tok.encode(text) + [tok.eot_id], spec

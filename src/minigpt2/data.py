@@ -16,7 +16,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -114,16 +113,38 @@ def resolve_source(spec: str, hf_split: str = "train", text_column: str = "text"
     )
 
 
-_SAFE_CUT = re.compile(r"(?<=\S)[ \n](?=\S)")
+# Where GPT-2's pre-tokenizer (tiktoken's r50k pattern) always starts a new piece, so a text cut
+# there encodes to the same tokens as whole: before a lone space or newline between two
+# non-space characters, and between a letter and a following digit or punctuation mark (no
+# pattern joins them; the reverse is unsafe: "'" + "s" is one contraction).
+_SAFE_CUT = r"(?<=\S)[ \n](?=\S)|(?<=\p{L})(?=[^\s\p{L}])"
 
 
-def _split_point(text: str, limit: int) -> int:
-    """An index <= limit just before a lone space or newline between two non-space characters.
-    GPT-2's pre-tokenizer starts a new piece there anyway, so cutting there leaves the tokens
-    unchanged (a cut inside a word or a whitespace run would not). Falls back to limit."""
-    window = max(0, limit - (1 << 16))
-    cuts = [m.start() for m in _SAFE_CUT.finditer(text, window, limit)]
-    return cuts[-1] if cuts and cuts[-1] > 0 else limit
+def _split_point(text: str, limit: int) -> int | None:
+    """A safe cut (see _SAFE_CUT) at most limit, the last one there; else the first one past
+    limit; None when text has none (it is then encoded whole)."""
+    import regex
+
+    pattern = regex.compile(_SAFE_CUT)
+    for start in (max(0, limit - (1 << 16)), 0):  # the last 64k characters first: cheap
+        cuts = [m.start() for m in pattern.finditer(text, start, limit) if m.start() > 0]
+        if cuts:
+            return cuts[-1]
+    later = pattern.search(text, limit)
+    return later.start() if later else None
+
+
+def _cut(text: str, final: bool) -> tuple[list[str], str]:
+    """(pieces of about CHUNK_CHARS cut at safe points, the rest). Without final, at least
+    CHUNK_CHARS stay in the rest: more text may follow it."""
+    pieces = []
+    while len(text) > (CHUNK_CHARS if final else 2 * CHUNK_CHARS):
+        cut = _split_point(text, CHUNK_CHARS)
+        if cut is None:
+            break
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces, text
 
 
 def _file_documents(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
@@ -141,10 +162,8 @@ def _file_documents(path: Path, errors: str) -> Iterator[tuple[str, bool]]:
                     "--decode-errors=replace to decode with replacement characters"
                 ) from None
             offset += len(raw)
-            while len(buf) > 2 * CHUNK_CHARS or (not raw and len(buf) > CHUNK_CHARS):
-                cut = _split_point(buf, CHUNK_CHARS)
-                yield buf[:cut], False
-                buf = buf[cut:]
+            pieces, buf = _cut(buf, final=not raw)
+            yield from ((piece, False) for piece in pieces)
             if not raw:
                 yield buf, True
                 return
@@ -163,8 +182,9 @@ def iter_documents(source: Source, errors: str = "strict") -> Iterator[tuple[str
         ds = datasets.load_dataset(name, config, split=source.hf_split, streaming=True)
         for row in ds:
             text = row[source.text_column]
-            for start in range(0, max(len(text), 1), CHUNK_CHARS):
-                yield text[start : start + CHUNK_CHARS], start + CHUNK_CHARS >= len(text)
+            pieces, rest = _cut(text, final=True)
+            yield from ((piece, False) for piece in pieces)
+            yield rest, True
     except MiniGPT2Error:
         raise
     except KeyError:
