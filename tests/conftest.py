@@ -57,3 +57,14 @@ def write_wide_byte_checkpoint(directory: Path, n_positions: int, **extra) -> Pa
         initializer_range=0.3,
         **extra,
     )
+
+
+@pytest.fixture
+def hf_folder(tmp_path: Path, monkeypatch) -> Path:
+    """An empty folder to hold a local Hugging Face dataset (`hf:FOLDER`), the Hub offline."""
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    return folder

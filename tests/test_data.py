@@ -290,12 +290,8 @@ def test_stdlib_source_resolves():
     assert not [f for f in src.files if "site-packages" in f.parts]
 
 
-def test_hf_dataset_source_streams_a_local_dataset(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    folder = tmp_path / "ds"
-    folder.mkdir()
+def test_hf_dataset_source_streams_a_local_dataset(tmp_path, hf_folder):
+    folder = hf_folder
     rows = [{"content": f"document {i}", "id": i} for i in range(5)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     spec = f"hf:{folder}"
@@ -313,12 +309,9 @@ def test_hf_dataset_source_streams_a_local_dataset(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE file at {GPT2_TIKTOKEN}")
-def test_long_texts_are_cut_where_tokens_do_not_change(tmp_path, monkeypatch):
+def test_long_texts_are_cut_where_tokens_do_not_change(tmp_path, hf_folder):
     """A 600k-character hf: row and 1M characters without whitespace are cut into pieces, and
     their tokens equal the whole text's."""
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     tok = get_tokenizer(str(GPT2_TIKTOKEN))
     rng = np.random.default_rng(0)
     letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJ'0123456789"))
@@ -326,8 +319,7 @@ def test_long_texts_are_cut_where_tokens_do_not_change(tmp_path, monkeypatch):
     spaces = rng.choice([" ", " ", " ", "  ", "\n", "\n\n", " \n"], len(words))
     row = "".join(w + s for w, s in zip(words, spaces, strict=True))
     row = (row * (600_000 // len(row) + 1))[:600_000]
-    folder = tmp_path / "ds"
-    folder.mkdir()
+    folder = hf_folder
     (folder / "train.jsonl").write_text(json.dumps({"text": row}) + "\n")
     glued = "".join(rng.choice(list("abcXYZ.,;:!?-'0123"), 1_000_000))  # no whitespace at all
     for spec, text in ((f"hf:{folder}", row), (str(write(tmp_path / "g.txt", glued)), glued)):

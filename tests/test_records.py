@@ -263,12 +263,8 @@ def test_bad_batch_files(record_run, tmp_path, name, content, message):
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
-def test_hf_record_dataset(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    folder = tmp_path / "ds"
-    folder.mkdir()
+def test_hf_record_dataset(tmp_path, hf_folder):
+    folder = hf_folder
     rows = completion_records()
     write_jsonl(folder / "train.jsonl", rows)
     spec = settings(tmp_path, data=f"hf:{folder}", val_fraction=0.25, block_size=48)
