@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FORMAT_VERSION, META, prepare
+from .data import FORMAT_VERSION, META, damaged_shard, prepare
 from .errors import MiniGPT2Error
 from .records import RecordSet
 from .tokenizer import Tokenizer
@@ -71,13 +71,10 @@ def load_prepared(
             f"{directory} was tokenised with {meta['tokenizer']!r} but the run asks for "
             f"{tokenizer.name!r}; prepare the corpus with that tokenizer or change tokenizer"
         )
-    shards = []
-    for shard in meta["shards"]:
-        path = directory / shard["file"]
-        expected = shard["tokens"] * np.dtype(meta["dtype"]).itemsize
-        if not path.is_file() or path.stat().st_size != expected:
-            raise MiniGPT2Error(f"{path} is missing or truncated; prepare the corpus again")
-        shards.append(_mapped(path, meta["dtype"]))
+    damaged = damaged_shard(directory, meta)
+    if damaged is not None:
+        raise MiniGPT2Error(f"{damaged} is missing or truncated; prepare the corpus again")
+    shards = [_mapped(directory / shard["file"], meta["dtype"]) for shard in meta["shards"]]
     total, n_train = meta["total_tokens"], meta["train_tokens"]
     if val_fraction is not None:
         n_train = total - int(total * val_fraction)

@@ -259,12 +259,20 @@ def _remove_stale_partials(out: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
 
 
+def damaged_shard(directory: Path, meta: dict) -> Path | None:
+    """The first shard of a preparation that is missing or not at its size in meta.json."""
+    size = np.dtype(meta["dtype"]).itemsize
+    for shard in meta["shards"]:
+        path = directory / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["tokens"] * size:
+            return path
+    return None
+
+
 def finished(out: Path) -> bool:
     """Whether out holds a complete preparation: meta.json, and every shard at its size."""
     try:
-        meta = json.loads((out / META).read_text())
-        size = np.dtype(meta["dtype"]).itemsize
-        return all((out / s["file"]).stat().st_size == s["tokens"] * size for s in meta["shards"])
+        return damaged_shard(out, json.loads((out / META).read_text())) is None
     except (OSError, ValueError, KeyError, TypeError):
         return False
 

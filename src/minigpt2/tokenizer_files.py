@@ -130,6 +130,7 @@ def tokenizer_config(eot_id: int, max_length: int, fast_only: bool) -> dict:
     }
 
 
+@cache  # deriving GPT-2's 50,000 merges takes about 1.5 s; an export asks more than once
 def tokenizer_tables(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """(vocab without end-of-text, merges) for GPT-2's BPE or the byte tokenizer."""
     if isinstance(tokenizer, TiktokenGPT2):
