@@ -253,6 +253,30 @@ def test_hf_dataset_offline_is_one_line(tmp_path, monkeypatch):
     assert not list((tmp_path / "c").iterdir())
 
 
+def test_hf_dataset_without_the_hub_fails_at_once(tmp_path, monkeypatch):
+    """No offline variables and a Hub that cannot be reached (a closed local port): one line
+    within seconds, for a corpus and for records, not datasets' half minute of retries."""
+    import socket
+    import time
+
+    from minigpt2.records import read_hf_records
+
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the socket is: connections are refused
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(MiniGPT2Error, match=r"cannot reach the Hugging Face Hub \(127.0.0.1:"):
+        prepare("hf:no-such/dataset", BYTE, cache_dir=tmp_path / "c", progress=False)
+    with pytest.raises(MiniGPT2Error, match="offline, pass a local .json or .jsonl record file"):
+        read_hf_records("hf:no-such/dataset", "train")
+    assert time.perf_counter() - start < 5
+    assert not (tmp_path / "c").exists() or not list((tmp_path / "c").iterdir())
+
+
 def run_data_cli(*args, cwd):
     env = {**os.environ, "MINIGPT2_DATA_CACHE": str(cwd / "cache")}
     return subprocess.run(

@@ -24,8 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, args: list[str], cwd) -> list[subprocess.Popen]:
-    """Start world ranks of train.py the way torchrun would (env://, loopback)."""
+def launch(world: int, args: list[str], cwd, script=None) -> list[subprocess.Popen]:
+    """Start world ranks of train.py (or script) the way torchrun would (env://, loopback)."""
     port = free_port()
     procs = []
     for rank in range(world):
@@ -41,7 +41,7 @@ def launch(world: int, args: list[str], cwd) -> list[subprocess.Popen]:
         }
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(ROOT / "train.py"), *args],
+                [sys.executable, str(script or ROOT / "train.py"), *args],
                 cwd=cwd,
                 env=env,
                 stdout=subprocess.PIPE,
@@ -191,6 +191,49 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path):
     assert_same_run(tmp_path / "full", tmp_path / "plain")
 
 
+# Counts the bytes this process reads with read()/pread() (the kernel's rchar) while the
+# trainer sets up its model and optimizer, after the modules that set-up imports are loaded.
+READ_COUNTER = """
+import sys
+import torch._dynamo, torch.distributed.checkpoint.state_dict, torch.distributed.fsdp
+from minigpt2 import trainer
+from minigpt2.cli.train import train_main
+
+def rchar():
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar")).split()[1])
+
+set_up = trainer.Trainer._set_up
+def counted(self, *args):
+    before = rchar()
+    set_up(self, *args)
+    print("read during set-up:", rchar() - before, flush=True)
+trainer.Trainer._set_up = counted
+sys.exit(train_main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_fsdp_resume_reads_only_the_rows_each_rank_holds(tmp_path):
+    shape = dict(n_layer=2, n_head=8, n_embd=512, block_size=64, batch_size=2, eval_iters=1)
+    run_world(2, tiny(tmp_path, "big", fsdp="true", max_iters=2, **shape), tmp_path)
+    path = tmp_path / "big" / "ckpt.safetensors"
+    size = path.stat().st_size  # weights and AdamW's two moments: 3 x 6.7M floats
+    script = tmp_path / "count_reads.py"
+    script.write_text(READ_COUNTER)
+    resume = [f"--out_dir={tmp_path / 'big'}", "--init_from=resume", "--max_iters=3"]
+    results = finish(launch(2, resume, tmp_path, script))
+    reads = []
+    for code, out, err in results:
+        assert code == 0, err
+        reads.append(int(out.split("read during set-up:")[1].split()[0]))
+    # Each rank reads its half of every tensor, and a little more: the digests are checked by
+    # whole pieces (>= 256 KiB). A whole-checkpoint load would read `size` bytes on each rank.
+    assert size > 70e6 and all(r < 0.56 * size for r in reads), (reads, size)
+    print(f"bytes read per rank on resume: {reads} of {size}")
+    assert sum(reads) > size  # between them, the ranks did read everything
+
+
 def test_two_processes_match_one_on_records_and_hellaswag(tmp_path):
     from test_evaluate import hellaswag_examples
     from test_records import completion_records, write_jsonl
@@ -217,7 +260,7 @@ def test_mfu_divides_the_global_rate_by_every_device(tmp_path, monkeypatch):
     from minigpt2 import GPT, GPTConfig
     from minigpt2.config import TrainConfig
 
-    monkeypatch.setattr(report, "peak_flops", lambda device, dtype: 1e12)
+    monkeypatch.setattr(report, "peak_flops", lambda device, dtype, tf32: 1e12)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
     for world in (1, 4):
         trainer = SimpleNamespace(
@@ -288,18 +331,58 @@ def _turns_worker(rank: int, world: int, init: str, log: str) -> None:
             f.write(f"{rank} end {time.monotonic()}\n")
         return rank
 
-    assert in_turns(DistContext(rank, rank, world), work) == rank
+    ctx = DistContext(rank, rank, world)
+    assert in_turns(ctx, work, "prepare the data", every=0.1) == rank
     dist.destroy_process_group()
 
 
-def test_rank_zero_prepares_first_and_the_others_wait_for_it(tmp_path):
+def test_rank_zero_prepares_first_and_the_others_wait_for_it(tmp_path, capfd):
     """Corpus preparation runs on rank 0 before any other rank starts it (one tokenization,
-    one .partial folder), then on the others, which find the prepared cache."""
+    one .partial folder), then on the others, which find the prepared cache. One waiting rank
+    of the machine says so while it waits."""
     import torch.multiprocessing as mp
 
     log = tmp_path / "log"
     mp.spawn(_turns_worker, args=(3, f"file://{tmp_path / 'init'}", str(log)), nprocs=3)
+    said = [line for line in capfd.readouterr().err.splitlines() if "waiting for" in line]
+    assert said[0].startswith("rank 1: waiting for rank 0 to prepare the data (0 s so far)")
+    assert all(x.startswith("rank 1: waiting for") for x in said)  # one rank speaks
     events = [line.split() for line in log.read_text().splitlines()]
     end0 = next(float(t) for r, what, t in events if r == "0" and what == "end")
     starts = [float(t) for r, what, t in events if r != "0" and what == "start"]
     assert len(starts) == 2 and min(starts) >= end0
+
+
+def test_sharded_model_from_the_meta_device(tmp_path):
+    """One gloo process, in this process: GPT-2's init drawn shard by shard equals GPT(config)
+    after the same seed; a model to fine-tune copies in exactly; in bfloat16 FSDP gathers and
+    computes in bfloat16 while the sharded weights and their gradients stay float32."""
+    import torch.distributed as dist
+
+    from minigpt2.model import GPT, GPTConfig
+    from minigpt2.sharding import fill_shards, fill_with_init, rows_of_model, sharded_model
+
+    config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)
+    init = f"tcp://127.0.0.1:{free_port()}"
+    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        torch.manual_seed(3)
+        model = sharded_model(config, torch.device("cpu"), torch.float32)
+        fill_with_init(model)
+        after_sharded = torch.get_rng_state()
+        torch.manual_seed(3)
+        reference = GPT(config)
+        assert torch.equal(torch.get_rng_state(), after_sharded)  # dropout draws on alike
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p.full_tensor(), q), name
+        trained = GPT(config)  # other weights, as a model to fine-tune would bring
+        model = sharded_model(config, torch.device("cpu"), torch.bfloat16)
+        fill_shards(model, rows_of_model(trained))
+        x = torch.randint(0, 97, (2, 16))
+        logits = model(x)
+        assert logits.dtype == torch.bfloat16
+        assert torch.allclose(logits.float(), trained(x), atol=0.05)
+        logits.float().square().mean().backward()
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()

@@ -123,3 +123,44 @@ def test_device_switch():
     assert resolve_dtype("bfloat16", torch.device("cpu")) is torch.bfloat16
     with pytest.raises(MiniGPT2Error, match="unknown dtype 'fp8'"):
         resolve_dtype("fp8", torch.device("cpu"))
+
+
+def test_gpu_peaks_by_exact_name_and_native_bfloat16_only(monkeypatch):
+    """Without a GPU: the table is read by the exact device name, fp16 and bf16 apart, TF32
+    where it is on; emulated bfloat16 is refused; tf32 sets torch's CUDA matmul precision."""
+    from minigpt2 import device as dev
+
+    cuda = torch.device("cuda", 0)
+    name = ["NVIDIA H100 PCIe"]
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name[0])
+    assert dev.peak_flops(cuda, torch.bfloat16) == 756e12  # not the SXM part's 989
+    assert dev.peak_flops(cuda, torch.float32) == 51.2e12
+    assert dev.peak_flops(cuda, torch.float32, tf32=True) == 378e12
+    name[0] = "NVIDIA L40"  # not the L4
+    assert dev.peak_flops(cuda, torch.float16) == 181e12
+    name[0] = "Tesla T4"
+    assert dev.peak_flops(cuda, torch.float16) == 65e12
+    assert dev.peak_flops(cuda, torch.bfloat16) is None  # emulated only: no peak to quote
+    assert dev.peak_flops(cuda, torch.float32, tf32=True) == 8.1e12  # no TF32 units
+    name[0] = "Some Future GPU"
+    assert dev.peak_flops(cuda, torch.bfloat16) is None
+
+    asked = {}
+
+    def bf16_supported(including_emulation=True):
+        asked["including_emulation"] = including_emulation
+        return including_emulation  # a T4: bfloat16 only through emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    name[0] = "Tesla T4"
+    with pytest.raises(MiniGPT2Error, match="Tesla T4 has no native bfloat16; use --dtype=float16"):
+        dev.resolve_dtype("bfloat16", cuda)
+    assert asked["including_emulation"] is False
+    before = torch.backends.cuda.matmul.fp32_precision
+    try:
+        dev.use_tf32(cuda, True)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        dev.use_tf32(cuda, False)
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before

@@ -182,16 +182,16 @@ def test_batched_generation_past_the_context_slides_each_row_like_alone(hf_dir):
 def test_each_row_stops_on_its_own():
     from minigpt2.generate import GenerationStats, Generator, SamplingConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(12)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=20, block_size=32))
     gen = Generator(model)
     prompts = [[1, 2, 5], [3], [4, 9, 9, 3], [8, 8]]
-    greedy = SamplingConfig(max_new_tokens=6, greedy=True, stop_at_eot=True, eot_id=1)
+    greedy = SamplingConfig(max_new_tokens=6, greedy=True, stop_at_eot=True, eot_id=0)
     stats = GenerationStats()
     rows = gen.generate(prompts, greedy, stats=stats)
     assert rows == [gen.generate([p], greedy)[0] for p in prompts]
-    # with this seed the last row says 1 (end-of-text here) on its third step, the rest never
-    assert [len(r) for r in rows] == [6, 6, 6, 3] and rows[3][-1] == 1
+    # with this seed the last row says 0 (end-of-text here) on its third step, the rest never
+    assert [len(r) for r in rows] == [6, 6, 6, 3] and rows[3][-1] == 0
     assert stats.finish == ["length", "length", "length", "eot"]
 
 

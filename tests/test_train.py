@@ -176,6 +176,26 @@ def test_corrupted_checkpoint_is_refused(tmp_path):
         train_main([f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=6"])
 
 
+def test_format_1_checkpoints_still_resume(tmp_path):
+    """Checkpoints written before digests by pieces (one digest over the file) still load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from minigpt2.checkpoint import _digest, load_checkpoint
+
+    train_main(settings(tmp_path, max_iters=3))
+    path = tmp_path / "out" / "ckpt.safetensors"
+    tensors, header = load_checkpoint(path)
+    header = {k: v for k, v in header.items() if k not in ("digests", "digest_pieces")}
+    header |= {"format_version": 1, "digest": _digest(tensors)}
+    save_file(tensors, path, metadata={"format": "pt", "minigpt2": json.dumps(header)})
+    again, _ = load_checkpoint(path)
+    assert all(torch.equal(again[k], v) for k, v in tensors.items())
+    train_main([f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=4"])
+    assert load_checkpoint(path)[1]["iter"] == 4
+
+
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 

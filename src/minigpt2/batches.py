@@ -117,8 +117,12 @@ class Batch:
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on device; to a GPU through one copy into page-locked memory, so the transfer runs
+    asynchronously (a strided slice such as data[:, :-1] gets a contiguous pinned copy)."""
     if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
+        staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        staged.copy_(t)
+        return staged.to(device, non_blocking=True)
     return t.contiguous().to(device)
 
 

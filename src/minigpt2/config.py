@@ -85,6 +85,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads for torch (0 = torch's default)
     fsdp: bool = False  # under torchrun: shard parameters with FSDP instead of DDP
+    tf32: bool = True  # CUDA: float32 matmuls in TensorFloat-32 (A100 and later; not on CPU)
     dist_timeout: float = 300.0  # seconds a collective may wait before the run is stopped
 
     def check(self) -> TrainConfig:

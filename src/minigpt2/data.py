@@ -195,6 +195,33 @@ def iter_documents(source: Source, errors: str = "strict") -> Iterator[tuple[str
         raise dataset_error(source.spec, e, "a local text file or directory") from None
 
 
+HUB_PROBE_SECONDS = 3.0  # a connection to the Hub takes well under a second where it works
+
+
+def check_hub(spec: str, name: str, instead: str) -> None:
+    """Fail at once, in one line, when dataset name must come from the Hub and the Hub cannot
+    be reached: datasets would otherwise retry for half a minute first. Skipped for a local
+    folder, when the offline variables are set (datasets then reads its cache) and behind a
+    proxy (which this probe would not use)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if Path(name).expanduser().exists() or any(os.environ.get(v, "0") != "0" for v in offline):
+        return
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=HUB_PROBE_SECONDS).close()
+    except OSError as e:
+        raise MiniGPT2Error(
+            f"cannot reach the Hugging Face Hub ({url.hostname}:{port}: {e.strerror or e}) for "
+            f"{spec!r}; offline, pass {instead}, or set HF_HUB_OFFLINE=1 to use a cached copy"
+        ) from None
+
+
 def dataset_error(spec: str, error: Exception, instead: str) -> MiniGPT2Error:
     """The one-line error for a Hugging Face dataset that could not be read."""
     first = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
@@ -333,6 +360,8 @@ def prepare(
         return out  # finished earlier: meta.json is written last, then the directory renamed
     if out.exists():  # damaged since (a shard cut short, meta.json lost): prepare it again
         shutil.rmtree(out, ignore_errors=True)
+    if source.hf:
+        check_hub(source.spec, source.hf[0], "a local text file or directory")
     # A writer is a host and a random token, never a PID alone: PIDs repeat across machines
     # and containers that share the cache.
     tmp = out.with_name(f"{out.name}.partial-{socket.gethostname()}-{secrets.token_hex(6)}")
@@ -353,19 +382,19 @@ def prepare(
             disable=not progress,
             file=sys.stderr,
         )
-        batch, chars, documents = [], 0, 0
-        for piece in iter_documents(source, decode_errors):
-            batch.append(piece)
-            chars += len(piece[0])
-            documents += piece[1]
-            if chars >= BATCH_CHARS:
-                writer.write(_encode_pieces(tokenizer, batch))
-                os.utime(tmp)  # alive: see _remove_stale_partials
-                bar.update(chars)
-                batch, chars = [], 0
-        writer.write(_encode_pieces(tokenizer, batch))
-        bar.update(chars)
-        bar.close()
+        with bar:  # closed before any error is printed, so the error gets a line of its own
+            batch, chars, documents = [], 0, 0
+            for piece in iter_documents(source, decode_errors):
+                batch.append(piece)
+                chars += len(piece[0])
+                documents += piece[1]
+                if chars >= BATCH_CHARS:
+                    writer.write(_encode_pieces(tokenizer, batch))
+                    os.utime(tmp)  # alive: see _remove_stale_partials
+                    bar.update(chars)
+                    batch, chars = [], 0
+            writer.write(_encode_pieces(tokenizer, batch))
+            bar.update(chars)
         writer.close()
         total = sum(s["tokens"] for s in writer.shards)
         if total <= documents:

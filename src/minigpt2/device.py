@@ -12,19 +12,36 @@ from .errors import MiniGPT2Error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Dense (non-sparse) tensor-core peaks in FLOP/s from the vendors' data sheets, keyed by a
-# substring of torch.cuda.get_device_name(). bf16 and fp16 share a peak on these parts.
-GPU_PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "A10G": {"bf16": 125e12, "fp32": 31.2e12},
-    "L40S": {"bf16": 362e12, "fp32": 91.6e12},
-    "L4": {"bf16": 121e12, "fp32": 30.3e12},
-    "RTX 4090": {"bf16": 165e12, "fp32": 82.6e12},
-    "RTX 3090": {"bf16": 71e12, "fp32": 35.6e12},
-    "V100": {"bf16": 125e12, "fp32": 15.7e12},
-    "T4": {"bf16": 65e12, "fp32": 8.1e12},
+# Dense (non-sparse) peak TFLOP/s from NVIDIA's data sheets, by the exact name
+# torch.cuda.get_device_name() reports. fp16/bf16 with float32 accumulation (what torch uses);
+# None where the part has no such unit (V100 and T4: no bfloat16, no TF32).
+_T = {"fp32": 67, "tf32": 494.7, "bf16": 989.4, "fp16": 989.4}  # H100 SXM5, H200, GH200
+_A100 = {"fp32": 19.5, "tf32": 156, "bf16": 312, "fp16": 312}
+_NVL = {"fp32": 60, "tf32": 417.5, "bf16": 835.5, "fp16": 835.5}  # H100 NVL, H200 NVL
+_V100 = {"fp32": 15.7, "tf32": None, "bf16": None, "fp16": 125}  # SXM2
+_V100_PCIE = {"fp32": 14, "tf32": None, "bf16": None, "fp16": 112}
+GPU_PEAK_TFLOPS: dict[str, dict[str, float | None]] = {
+    "NVIDIA H100 80GB HBM3": _T,
+    "NVIDIA H100 PCIe": {"fp32": 51.2, "tf32": 378, "bf16": 756, "fp16": 756},
+    "NVIDIA H100 NVL": _NVL,
+    "NVIDIA H200": _T,
+    "NVIDIA H200 NVL": _NVL,
+    "NVIDIA GH200 480GB": _T,
+    "NVIDIA A100-SXM4-40GB": _A100,
+    "NVIDIA A100-SXM4-80GB": _A100,
+    "NVIDIA A100-PCIE-40GB": _A100,
+    "NVIDIA A100 80GB PCIe": _A100,
+    "NVIDIA A10": {"fp32": 31.2, "tf32": 62.5, "bf16": 125, "fp16": 125},
+    "NVIDIA L40S": {"fp32": 91.6, "tf32": 183, "bf16": 362, "fp16": 362},
+    "NVIDIA L40": {"fp32": 90.5, "tf32": 90.5, "bf16": 181, "fp16": 181},
+    "NVIDIA L4": {"fp32": 30.3, "tf32": 60, "bf16": 121, "fp16": 121},
+    "NVIDIA GeForce RTX 4090": {"fp32": 82.6, "tf32": 82.6, "bf16": 165.2, "fp16": 165.2},
+    "NVIDIA GeForce RTX 3090": {"fp32": 35.6, "tf32": 35.6, "bf16": 71, "fp16": 71},
+    "Tesla V100-SXM2-16GB": _V100,
+    "Tesla V100-SXM2-32GB": _V100,
+    "Tesla V100-PCIE-16GB": _V100_PCIE,
+    "Tesla V100-PCIE-32GB": _V100_PCIE,
+    "Tesla T4": {"fp32": 8.1, "tf32": None, "bf16": None, "fp16": 65},
 }
 
 
@@ -68,9 +85,22 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise MiniGPT2Error(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}")
     dtype = DTYPES[name]
-    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise MiniGPT2Error("this GPU has no bfloat16 support; use --dtype=float16 or float32")
+    if dtype is torch.bfloat16 and device.type == "cuda":
+        # is_bf16_supported() alone counts emulation (V100, T4), many times slower than fp16
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise MiniGPT2Error(
+                f"{torch.cuda.get_device_name(device)} has no native bfloat16; "
+                "use --dtype=float16 (or float32)"
+            )
     return dtype
+
+
+def use_tf32(device: torch.device, on: bool) -> None:
+    """TensorFloat-32 for float32 matrix products on CUDA (10-bit mantissa inputs, float32
+    sums): several times faster on A100 and later, as nanoGPT and torchtitan train."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.fp32_precision = "tf32" if on else "ieee"
+        torch.backends.cudnn.conv.fp32_precision = "tf32" if on else "ieee"
 
 
 def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
@@ -95,14 +125,17 @@ def measured_cpu_peak_flops(dtype: torch.dtype = torch.float32, n: int = 1024) -
     return 2 * n**3 / best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s of the device in use for MFU, or None for a GPU not in the table."""
+def peak_flops(device: torch.device, dtype: torch.dtype, tf32: bool = False) -> float | None:
+    """Peak FLOP/s of one device for MFU in dtype (float32 as TF32 where tf32 is on and the
+    GPU has it), or None for a GPU not in the table."""
     if device.type == "cpu":
         return measured_cpu_peak_flops(torch.bfloat16 if dtype is torch.bfloat16 else torch.float32)
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        kind = "fp32" if dtype is torch.float32 else "bf16"
-        for key, peaks in GPU_PEAK_FLOPS.items():
-            if key in gpu:
-                return peaks[kind]
-    return None
+    if device.type != "cuda":
+        return None
+    peaks = GPU_PEAK_TFLOPS.get(torch.cuda.get_device_name(device))
+    if peaks is None:
+        return None
+    kind = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+    if kind == "fp32" and tf32 and peaks["tf32"]:
+        kind = "tf32"
+    return peaks[kind] * 1e12 if peaks[kind] else None

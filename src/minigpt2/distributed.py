@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -58,16 +60,18 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
     return DistContext(rank, local_rank, world), device
 
 
-def in_turns(ctx: DistContext, work):
+def in_turns(ctx: DistContext, work, task: str = "prepare the data", every: float = 60.0):
     """work() on every rank, rank 0 first, then the first rank of each other machine, then the
     rest: one process fills a shared cache (a corpus' token shards) and the others find it
     there, instead of every rank preparing the same corpus at once. Waits last as long as the
-    work takes (a gloo group with a week's timeout), not dist_timeout. A failed turn is raised
-    after the last barrier, so the others still take theirs and report the same error."""
+    work takes (a gloo group with a week's timeout), not dist_timeout; one rank per machine
+    says every `every` seconds what it waits for. A failed turn is raised after the last
+    barrier, so the others still take theirs and report the same error."""
     if not ctx.enabled:
         return work()
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
     turn = 0 if ctx.rank == 0 else 1 if ctx.local_rank == 0 else 2
+    speaker = ctx.local_rank == (1 if ctx.rank == ctx.local_rank else 0)  # one per machine
     result, error = None, None
     for phase in range(3):  # every rank passes all three barriers, whatever its work did
         if phase == turn:
@@ -75,59 +79,37 @@ def in_turns(ctx: DistContext, work):
                 result = work()
             except BaseException as e:  # re-raised once the others have had their turn
                 error = e
-        dist.barrier(group=group)
+        waiting = speaker and phase < turn
+        whom = "rank 0" if phase == 0 else "the first rank of each machine"
+        _barrier(group, f"rank {ctx.rank}: waiting for {whom} to {task}" if waiting else "", every)
     if error is not None:
         raise error
     return result
 
 
-def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device, fsdp: bool):
-    """The module to train: model itself alone, DDP around it, or model sharded in place with
-    FSDP (one unit per block plus the root, which holds the tied embedding)."""
-    if not ctx.enabled:
-        if fsdp:
-            raise MiniGPT2Error("fsdp=true needs several processes: launch with torchrun")
-        return model
-    if fsdp:
-        from torch.distributed.fsdp import fully_shard
+def _barrier(group, line: str, every: float) -> None:
+    """A barrier on group; with a line, printed every `every` seconds that it waits."""
+    if not line:
+        dist.barrier(group=group)
+        return
+    pending, start, said = dist.barrier(group=group, async_op=True), time.monotonic(), 0.0
+    while not pending.is_completed():
+        waited = time.monotonic() - start
+        if waited - said >= every:
+            print(f"{line} ({waited:.0f} s so far)", file=sys.stderr, flush=True)
+            said = waited
+        time.sleep(min(every, 0.5))
+    pending.wait()
 
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
+
+def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device):
+    """The module to train: model itself when alone, DDP around it under torchrun (an FSDP
+    model is already sharded: see sharding.py)."""
+    if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def _full_options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    return StateDictOptions(full_state_dict=True, **kw)
-
-
-def fsdp_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded weights, on rank 0's CPU (a collective: every rank calls it)."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-    return get_model_state_dict(model, options=_full_options(cpu_offload=True))
-
-
-def fsdp_optimizer_state(model, optimizer) -> dict[str, dict]:
-    """Unsharded optimizer state by parameter name, on rank 0 (a collective)."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    osd = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))
-    return osd.get("state", {})
-
-
-def fsdp_load_optimizer_state(model, optimizer, state: dict, groups: list[dict]) -> None:
-    """Shard full optimizer state (every rank passes all of it) into optimizer."""
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-
-    set_optimizer_state_dict(
-        model, optimizer, {"state": state, "param_groups": groups}, options=_full_options()
-    )
 
 
 def mean_across_ranks(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -104,6 +104,10 @@ class SinusoidalPositions(nn.Module):
     def forward(self, pos: torch.Tensor) -> torch.Tensor:
         return self.table[pos]
 
+    def reset_table(self) -> None:
+        """Recompute the table in place (after the module was built on the meta device)."""
+        self.table = sinusoid_table(*self.table.shape).to(self.table.device)
+
 
 def sinusoid_table(length: int, dim: int) -> torch.Tensor:
     """(length, dim) float32 table of SinusoidalPositions, computed in float64."""
@@ -113,6 +117,14 @@ def sinusoid_table(length: int, dim: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: dim // 2])
     return table.float()
+
+
+def init_tensor(t: torch.Tensor, kind: str, std: float) -> None:
+    """Fill t in place as one step of GPT.init_plan says."""
+    if kind == "normal":
+        nn.init.normal_(t, mean=0.0, std=std)
+    else:
+        nn.init.ones_(t) if kind == "ones" else nn.init.zeros_(t)
 
 
 class MLP(nn.Module):
@@ -151,33 +163,54 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd)
-                if config.pos_embedding == "learned"
-                else SinusoidalPositions(config.block_size, config.n_embd),
-                drop=nn.Dropout(config.dropout),
-                h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
-                ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias),
+        device = torch.empty(0).device  # where the caller builds (cpu, or a torch.device context)
+        with torch.device("meta"):  # no memory and no draws yet: reset_parameters draws once
+            self.transformer = nn.ModuleDict(
+                dict(
+                    wte=nn.Embedding(config.vocab_size, config.n_embd),
+                    wpe=nn.Embedding(config.block_size, config.n_embd)
+                    if config.pos_embedding == "learned"
+                    else SinusoidalPositions(config.block_size, config.n_embd),
+                    drop=nn.Dropout(config.dropout),
+                    h=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+                    ln_f=nn.LayerNorm(
+                        config.n_embd, eps=config.layer_norm_epsilon, bias=config.bias
+                    ),
+                )
             )
-        )
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.activation_checkpointing = False  # a training choice; set by the trainer
-        self.apply(self._init_weights)
+        if device.type != "meta":  # meta: weights about to be loaded or sharded (FSDP)
+            self.to_empty(device=device)
+            self.lm_head.weight = self.transformer.wte.weight  # to_empty unties them
+            self.reset_parameters()
+
+    def init_plan(self) -> list[tuple[str, str, float]]:
+        """GPT-2's initialisation, parameter by parameter in drawing order: (name, "normal",
+        std), (name, "zeros", 0) or (name, "ones", 0). The tied head is wte, listed once."""
+        plan = []
         # GPT-2 scales the init of layers that write into the residual stream by 1/sqrt(N),
         # N = 2 * n_layer residual additions (Radford et al. 2019, section 2.3).
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                plan.append((name, "normal", residual_std))
+            elif p.ndim == 2:  # linear weights and embedding tables
+                plan.append((name, "normal", 0.02))
+            elif name.endswith("weight"):  # LayerNorm gains start at one
+                plan.append((name, "ones", 0.0))
+            else:  # every bias at zero
+                plan.append((name, "zeros", 0.0))
+        return plan
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Draw fresh weights as GPT-2 does (init_plan), and recompute the fixed buffers."""
+        for name, kind, std in self.init_plan():
+            init_tensor(self.get_parameter(name), kind, std)
+        if isinstance(self.transformer.wpe, SinusoidalPositions):
+            self.transformer.wpe.reset_table()
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every block's attention to "sdpa" or "math" (the weights do not change)."""

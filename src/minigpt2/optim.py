@@ -103,10 +103,10 @@ class MuonAdamW:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
-    """AdamW (or Adam), fused where the device supports it (not over FSDP's sharded tensors);
+    """AdamW (or Adam), fused where the device supports it (FSDP's sharded tensors too);
     with optimizer = "muon", Muon for the blocks' matrices beside it. Muon's group carries
     lr_scale, its peak rate over learning_rate, so one schedule drives both."""
-    fused = device.type in ("cuda", "cpu") and not cfg.fsdp
+    fused = device.type in ("cuda", "cpu")
     kind = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     if cfg.optimizer != "muon":
         groups, names = param_groups(model, cfg.weight_decay if kind is torch.optim.AdamW else 0)

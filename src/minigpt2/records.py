@@ -249,9 +249,10 @@ class RecordData:
 
 def read_hf_records(spec: str, split: str) -> list[dict]:
     """The rows of a Hugging Face dataset split (hf:NAME[:CONFIG]) as records."""
-    from .data import dataset_error, resolve_source
+    from .data import check_hub, dataset_error, resolve_source
 
     name, config = resolve_source(spec).hf
+    check_hub(spec, name, "a local .json or .jsonl record file")
     try:
         import datasets
 

@@ -35,8 +35,8 @@ class Reporter:
         cfg = trainer.cfg
         self.flops_per_token = trainer.model.flops_per_token(trainer.block_size)
         # tokens per second count the global batch, so the peak is that of every device
-        world = trainer.dist.world_size
-        self.peak = peak_flops(trainer.device, trainer.dtype) * world if self.active else None
+        one = peak_flops(trainer.device, trainer.dtype, cfg.tf32) if self.active else None
+        self.peak = one * trainer.dist.world_size if one else None
         self.mark = (trainer.iter, trainer.tokens_seen, time.perf_counter())
         self.bar = None
         if not self.active:

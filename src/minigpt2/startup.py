@@ -3,36 +3,96 @@
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
+
 from . import checkpoint as ckpt
 from .batches import open_corpus
 from .config import TrainConfig
 from .errors import MiniGPT2Error
+from .lora import apply_lora, build_lora_model
 from .model import GPT, GPTConfig
 from .records import RECORD_FORMATS, is_records_path, load_records
+from .sharding import fill_shards, fill_with_init, rows_of_checkpoint, rows_of_model, sharded_model
 from .tokenizer import Tokenizer
+
+
+def scratch_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTConfig:
+    """The shape of a model trained from scratch: a preset or n_layer/n_head/n_embd."""
+    sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
+    vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    shape = dict(
+        vocab_size=vocab,
+        block_size=cfg.block_size,
+        dropout=cfg.dropout,
+        bias=cfg.bias,
+        attn_impl=cfg.attn_impl,
+        pos_embedding=cfg.pos_embedding,
+        **sizes,
+    )
+    if cfg.model:
+        return GPTConfig.preset(cfg.model, **shape)
+    missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
+    if missing:
+        raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
+    return GPTConfig(**shape)
+
+
+def start_model(
+    cfg: TrainConfig,
+    tokenizer: Tokenizer,
+    device: torch.device,
+    dtype: torch.dtype,
+    resume: ckpt.CheckpointFile | None = None,
+) -> tuple[GPT, dict | None]:
+    """The model a run trains, on device (sharded with fsdp), and its LoRA description. Under
+    FSDP no process builds the whole model on a device, and a resume reads its rows only."""
+    if cfg.fsdp and not dist.is_initialized():
+        raise MiniGPT2Error("fsdp=true needs several processes: launch with torchrun")
+    base_dtype = torch.bfloat16 if cfg.base_dtype == "bfloat16" else None
+    if resume is not None:
+        header = resume.header
+        if header["tokenizer_hash"] != tokenizer.fingerprint:
+            raise MiniGPT2Error(
+                f"the run in {cfg.out_dir} was trained with tokenizer "
+                f"{header['tokenizer']!r}, not {tokenizer.name!r}"
+            )
+        config = GPTConfig.from_dict(header["model_config"])
+        if cfg.fsdp:
+            model = sharded_model(config, device, dtype)
+            fill_shards(model, rows_of_checkpoint(resume))
+            return model, None
+        tensors = {n: resume.tensor(n) for n in resume.names() if n.startswith("model.")}
+        lora = header.get("lora")
+        if lora:  # the base it names, and the adapters saved
+            model = build_lora_model(
+                tensors, header, str(resume.path), base_dtype, dropout=config.dropout
+            )
+            model.set_attn_impl(config.attn_impl)
+        else:
+            model = GPT(config)
+            ckpt.load_model_tensors(model, tensors)
+        return model.to(device), lora
+    if cfg.fsdp and cfg.init_from == "scratch":
+        model = sharded_model(scratch_config(cfg, tokenizer), device, dtype)
+        fill_with_init(model)
+        return model, None
+    model = build_model(cfg, tokenizer)
+    if cfg.fsdp:  # weights to fine-tune: each rank keeps its rows
+        sharded = sharded_model(model.config, device, dtype)
+        fill_shards(sharded, rows_of_model(model))
+        return sharded, None
+    lora = {"base": cfg.init_from, **cfg.lora().to_dict()} if cfg.lora_r else None
+    if lora:
+        apply_lora(model, cfg.lora(), base_dtype)
+    return model.to(device), lora
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
     """A fresh model (scratch), or weights to fine-tune: released ones or a training checkpoint
-    (an out_dir or a checkpoint file); resume is handled by Trainer."""
+    (an out_dir or a checkpoint file); resume is handled by start_model."""
     if cfg.init_from == "scratch":
-        sizes = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k)}
-        vocab = -(-tokenizer.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        shape = dict(
-            vocab_size=vocab,
-            block_size=cfg.block_size,
-            dropout=cfg.dropout,
-            bias=cfg.bias,
-            attn_impl=cfg.attn_impl,
-            pos_embedding=cfg.pos_embedding,
-            **sizes,
-        )
-        if cfg.model:
-            return GPT(GPTConfig.preset(cfg.model, **shape))
-        missing = [k for k in ("n_layer", "n_head", "n_embd") if k not in sizes]
-        if missing:
-            raise MiniGPT2Error(f"init_from=scratch needs model=PRESET or {', '.join(missing)}")
-        return GPT(GPTConfig(**shape))
+        return GPT(scratch_config(cfg, tokenizer))
     if cfg.pos_embedding != "learned":
         raise MiniGPT2Error(
             f"pos_embedding={cfg.pos_embedding} applies to init_from=scratch; a model to "

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .batches import Batch, Batches, RecordBatches
 from .config import TrainConfig
-from .device import autocast, resolve_device, resolve_dtype
+from .device import autocast, resolve_device, resolve_dtype, use_tf32
 from .distributed import (
     all_gathered,
     in_turns,
@@ -28,10 +28,9 @@ from .distributed import (
     wrap_model,
 )
 from .errors import MiniGPT2Error
-from .lora import apply_lora, build_lora_model
-from .model import GPT, GPTConfig
 from .optim import build_optimizer, lr_at
-from .startup import build_model, open_data
+from .sharding import full_model_state, full_optimizer_state, sharded_optimizer_state
+from .startup import open_data, start_model
 from .tokenizer import get_tokenizer
 
 EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
@@ -61,18 +60,15 @@ class Interrupted:
 class Trainer:
     """Owns one run: data, model, optimiser, and the state a checkpoint captures."""
 
-    def __init__(
-        self,
-        cfg: TrainConfig,
-        resume_header: dict | None = None,
-        resume_tensors: dict | None = None,
-    ) -> None:
+    def __init__(self, cfg: TrainConfig) -> None:
+        """Set up the run cfg describes; with init_from = "resume", from out_dir's checkpoint."""
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         self.dist, self.device = init_distributed(device, cfg.dist_timeout)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
+        use_tf32(self.device, cfg.tf32)
         self.tokenizer = get_tokenizer(cfg.tokenizer)
         world = self.dist.world_size
         if cfg.gradient_accumulation_steps % world:
@@ -86,18 +82,17 @@ class Trainer:
         opened = in_turns(self.dist, lambda: open_data(cfg, self.tokenizer, self.dist.is_main))
         self.data_format, data = opened
         torch.manual_seed(cfg.seed)
-        if resume_header is not None:
-            if resume_header["tokenizer_hash"] != self.tokenizer.fingerprint:
-                raise MiniGPT2Error(
-                    f"the run in {cfg.out_dir} was trained with tokenizer "
-                    f"{resume_header['tokenizer']!r}, not {self.tokenizer.name!r}"
-                )
-            self.model = self._resumed_model(resume_header, resume_tensors)
-        else:
-            self.model = build_model(cfg, self.tokenizer)
-            self.lora = {"base": cfg.init_from, **cfg.lora().to_dict()} if cfg.lora_r else None
-            if self.lora:
-                apply_lora(self.model, cfg.lora(), self._base_dtype())
+        self.fsdp = cfg.fsdp
+        resume = None
+        if cfg.init_from == "resume":
+            resume = ckpt.CheckpointFile(Path(cfg.out_dir) / ckpt.LATEST)
+        with resume or contextlib.nullcontext():
+            self._set_up(data, resume)
+
+    def _set_up(self, data, resume: ckpt.CheckpointFile | None) -> None:
+        """Model, samplers and optimizer; with resume, their state as it was saved."""
+        cfg = self.cfg
+        self.model, self.lora = start_model(cfg, self.tokenizer, self.device, self.dtype, resume)
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if self.dist.rank:  # the same initial weights everywhere; each rank its own dropout
             torch.manual_seed(cfg.seed + self.dist.rank)
@@ -129,36 +124,15 @@ class Trainer:
             )
         self.tokens_seen = 0  # real input tokens trained on in this process's run
         self.hellaswag = self._read_hellaswag() if cfg.hellaswag else None
-        self.model.to(self.device)
-        self.fsdp = cfg.fsdp
-        self.net = wrap_model(self.model, self.dist, self.device, cfg.fsdp)
+        self.net = self.model if self.fsdp else wrap_model(self.model, self.dist, self.device)
         self.optimizer, self.param_names = build_optimizer(self.model, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype is torch.float16)
         self.iter, self.best_val, self.elapsed_before = 0, float("inf"), 0.0
-        if resume_header is not None:
-            self._restore(resume_header, resume_tensors)
+        if resume is not None:
+            self._restore(resume)
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.out_dir = Path(cfg.out_dir)
-
-    def _base_dtype(self) -> torch.dtype | None:
-        """LoRA's dtype for the frozen block weights (None: as they are)."""
-        return torch.bfloat16 if self.cfg.base_dtype == "bfloat16" else None
-
-    def _resumed_model(self, header: dict, tensors: dict) -> GPT:
-        """The model of a checkpoint to resume: all its weights, or its base and adapters."""
-        self.lora = header.get("lora")
-        if self.lora:
-            source = str(Path(self.cfg.out_dir) / ckpt.LATEST)
-            saved = header["model_config"]
-            model = build_lora_model(
-                tensors, header, source, self._base_dtype(), dropout=saved["dropout"]
-            )
-            model.set_attn_impl(saved["attn_impl"])
-            return model
-        model = GPT(GPTConfig.from_dict(header["model_config"]))
-        ckpt.load_model_tensors(model, tensors)
-        return model
 
     def _read_hellaswag(self) -> tuple[list, list[int]]:
         """HellaSwag's examples, tokenized once, and their labels."""
@@ -172,25 +146,25 @@ class Trainer:
         examples = read_hellaswag(self.cfg.hellaswag, self.cfg.hellaswag_examples or None)
         return hellaswag_groups(self.tokenizer, examples), [ex["label"] for ex in examples]
 
-    def _restore(self, header: dict, tensors: dict) -> None:
-        state = ckpt.optimizer_state(tensors, self.param_names)
+    def _restore(self, resume: ckpt.CheckpointFile) -> None:
+        """Optimizer, scaler, random generators and counters as the checkpoint saved them."""
+        header = resume.header
+        if self.fsdp:  # this rank's rows of each state tensor only
+            state = sharded_optimizer_state(resume, self.model, self.param_names)
+        else:
+            optim = {n: resume.tensor(n) for n in resume.names() if n.startswith("optim.")}
+            state = ckpt.optimizer_state(optim, self.param_names)
         groups = ckpt.merged_param_groups(
             header["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
         )
-        if self.fsdp:
-            from .distributed import fsdp_load_optimizer_state
-
-            for group in groups:  # the state-dict API names parameters, not positions
-                group["params"] = [self.param_names[i] for i in group["params"]]
-            fsdp_load_optimizer_state(self.model, self.optimizer, state, groups)
-        else:
-            index = {name: i for i, name in enumerate(self.param_names)}
-            self.optimizer.load_state_dict(
-                {"state": {index[n]: v for n, v in state.items()}, "param_groups": groups}
-            )
+        index = {name: i for i, name in enumerate(self.param_names)}
+        self.optimizer.load_state_dict(
+            {"state": {index[n]: v for n, v in state.items()}, "param_groups": groups}
+        )
         if header.get("scaler"):
             self.scaler.load_state_dict(header["scaler"])
-        if not ckpt.restore_rng(tensors, self.dist.rank):  # more ranks now than then
+        rng = {n: resume.tensor(n) for n in resume.names() if n.startswith("rng.")}
+        if not ckpt.restore_rng(rng, self.dist.rank):  # more ranks now than then
             torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * header["iter"])
         self.iter, self.best_val = header["iter"], header["best_val_loss"]
         self.elapsed_before = header.get("elapsed", 0.0)
@@ -224,14 +198,12 @@ class Trainer:
         """Write a checkpoint from the main process. Under FSDP every rank takes part in
         gathering the full weights and optimizer state first."""
         if self.fsdp:
-            from .distributed import fsdp_model_state, fsdp_optimizer_state
-
             weights = {
                 f"model.{k}": v
-                for k, v in fsdp_model_state(self.model).items()
+                for k, v in full_model_state(self.model).items()
                 if k != "lm_head.weight"
             }
-            state = fsdp_optimizer_state(self.model, self.optimizer) if not weights_only else {}
+            state = full_optimizer_state(self.model, self.optimizer) if not weights_only else {}
         else:
             weights = ckpt.model_tensors(self.model, adapters_only=bool(self.lora))
             by_index = self.optimizer.state_dict()["state"] if not weights_only else {}

@@ -9,7 +9,7 @@ from ..errors import MiniGPT2Error
 
 def train_main(argv: list[str], default_config: str | None = None) -> int:
     """Train from a config file and overrides; without a file, default_config (or the defaults)."""
-    from ..checkpoint import LATEST, load_checkpoint
+    from ..checkpoint import LATEST, read_header
     from ..config import TrainConfig, from_settings, read_settings
     from ..trainer import Trainer, print_summary
 
@@ -22,16 +22,15 @@ def train_main(argv: list[str], default_config: str | None = None) -> int:
         return 0
     defaults, settings = read_settings(argv, default_config)
     cfg = from_settings({}, {**defaults, **settings})
-    tensors = header = None
     if cfg.init_from == "resume":
-        tensors, header = load_checkpoint(Path(cfg.out_dir) / LATEST)
+        header = read_header(Path(cfg.out_dir) / LATEST)
         cfg = from_settings(header["train_config"], {**settings, "init_from": "resume"})
         if header["iter"] >= cfg.max_iters and not cfg.eval_only:
             raise MiniGPT2Error(
                 f"the run in {cfg.out_dir} already reached step {header['iter']}"
                 f"; raise max_iters to train further"
             )
-    summary = Trainer(cfg, header, tensors).run()
+    summary = Trainer(cfg).run()
     print_summary(summary)
     if "interrupted" in summary:
         return 130 if summary["interrupted"] == "SIGINT" else 143
