@@ -93,12 +93,14 @@ def _barrier(group, line: str, every: float) -> None:
         dist.barrier(group=group)
         return
     pending, start, said = dist.barrier(group=group, async_op=True), time.monotonic(), 0.0
+    nap = 0.001  # short at first: most waits (a cache already prepared) last milliseconds
     while not pending.is_completed():
         waited = time.monotonic() - start
         if waited - said >= every:
             print(f"{line} ({waited:.0f} s so far)", file=sys.stderr, flush=True)
             said = waited
-        time.sleep(min(every, 0.5))
+        time.sleep(nap)
+        nap = min(nap * 2, every, 0.5)
     pending.wait()
 
 

@@ -119,6 +119,12 @@ def sinusoid_table(length: int, dim: int) -> torch.Tensor:
     return table.float()
 
 
+def _table(rows: int, width: int) -> nn.Embedding:
+    """An embedding table on the meta device, left undrawn: nn.Embedding's own init would call
+    normal_ on a meta tensor, whose first use imports torch._dynamo (about 1 s per process)."""
+    return nn.Embedding(rows, width, _weight=torch.empty(rows, width, device="meta"))
+
+
 def init_tensor(t: torch.Tensor, kind: str, std: float) -> None:
     """Fill t in place as one step of GPT.init_plan says."""
     if kind == "normal":
@@ -167,8 +173,8 @@ class GPT(nn.Module):
         with torch.device("meta"):  # no memory and no draws yet: reset_parameters draws once
             self.transformer = nn.ModuleDict(
                 dict(
-                    wte=nn.Embedding(config.vocab_size, config.n_embd),
-                    wpe=nn.Embedding(config.block_size, config.n_embd)
+                    wte=_table(config.vocab_size, config.n_embd),
+                    wpe=_table(config.block_size, config.n_embd)
                     if config.pos_embedding == "learned"
                     else SinusoidalPositions(config.block_size, config.n_embd),
                     drop=nn.Dropout(config.dropout),
@@ -182,9 +188,20 @@ class GPT(nn.Module):
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.activation_checkpointing = False  # a training choice; set by the trainer
         if device.type != "meta":  # meta: weights about to be loaded or sharded (FSDP)
-            self.to_empty(device=device)
-            self.lm_head.weight = self.transformer.wte.weight  # to_empty unties them
+            self._allocate(device)
             self.reset_parameters()
+
+    def _allocate(self, device: torch.device) -> None:
+        """Give every meta parameter and buffer memory on device, the head tied again. Not
+        Module.to_empty: its empty_like on meta tensors imports torch's symbolic shapes
+        machinery, about 0.5 s per process."""
+        for module in self.modules():
+            for name, p in module.named_parameters(recurse=False):
+                empty = torch.empty(p.shape, dtype=p.dtype, device=device)
+                setattr(module, name, nn.Parameter(empty, requires_grad=p.requires_grad))
+            for name, b in module.named_buffers(recurse=False):
+                setattr(module, name, torch.empty(b.shape, dtype=b.dtype, device=device))
+        self.lm_head.weight = self.transformer.wte.weight
 
     def init_plan(self) -> list[tuple[str, str, float]]:
         """GPT-2's initialisation, parameter by parameter in drawing order: (name, "normal",
