@@ -23,6 +23,8 @@ class KVCache:
     def __init__(self, config: GPTConfig, batch: int, length: int, device, dtype) -> None:
         hd = config.n_embd // config.n_head
         shape = (config.n_layer, 2, batch, config.n_head, length, hd)
+        if torch.device(device).type == "cpu" and dtype is torch.bfloat16:
+            dtype = torch.float32  # attention runs in float32 there (see forward): store it so
         self.kv = torch.empty(shape, device=device, dtype=dtype)  # only [:pos] is ever read
         self.pos = 0  # tokens already stored (padding included)
         self.mask: torch.Tensor | None = None  # (batch, length) bool once padding was stored
@@ -76,10 +78,11 @@ class CausalSelfAttention(nn.Module):
             k = cache.kv[layer, 0, :, :, : past + T]  # (B, nh, past+T, hs)
             v = cache.kv[layer, 1, :, :, : past + T]
         dropout = self.dropout if self.training else 0.0
-        if q.device.type == "cpu" and q.dtype is torch.bfloat16 and torch.is_grad_enabled():
-            # torch's CPU flash-attention backward is ~8x slower in bfloat16 than in float32
-            # (measured: 4.6 ms vs 0.54 ms per call at B=12, T=64, C=128); attention is a
-            # small share of the FLOPs, so it runs in float32 and the matmuls stay bfloat16.
+        if q.device.type == "cpu" and q.dtype is torch.bfloat16:
+            # torch's CPU attention is slow in bfloat16: its flash-attention backward ~8x
+            # slower than float32 (4.6 ms vs 0.54 ms per call at B=12, T=64, C=128), and one
+            # decoding query over 120 keys 68 us against 12 us. Attention is a small share of
+            # the FLOPs, so it runs in float32 and the matmuls stay bfloat16.
             with torch.autocast("cpu", enabled=False):
                 y = self._attend(q.float(), k.float(), v.float(), past, dropout, mask)
             y = y.to(q.dtype)

@@ -26,6 +26,7 @@ class PackedLinear(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int = 0) -> None:
         super().__init__()
         w = weight.detach().contiguous()
+        self.in_features = w.shape[1]  # as nn.Linear names it
         self.weight = torch.ops.mkldnn._reorder_linear_weight(w, rows or self.ROWS_HINT)
         self.bias = None if bias is None else bias.detach().clone()
 
@@ -51,41 +52,51 @@ class FewRowsLinear(torch.nn.Linear):
             torch.backends.mkldnn.enabled = onednn
 
 
-def _one_row_seconds(layer: torch.nn.Module, width: int, repeats: int = 7) -> float:
-    """Median time of layer on one bfloat16 row of width inputs (a decode step's product)."""
-    x = torch.randn(1, width).to(torch.bfloat16)
+def _pass_seconds(layers: list[torch.nn.Module], rounds: int = 9) -> float:
+    """Median time of one row through every layer in turn (inputs of each layer's width), as a
+    decode step meets them: each weight cold, read once per step."""
+    inputs = [torch.randn(1, layer.in_features).to(torch.bfloat16) for layer in layers]
     times = []
     with torch.inference_mode():
-        for _ in range(repeats + 1):
+        for _ in range(rounds + 1):  # the first round warms up
             t = time.perf_counter()
-            layer(x)
+            for layer, x in zip(layers, inputs, strict=True):
+                layer(x)
             times.append(time.perf_counter() - t)
     return statistics.median(times[1:])
 
 
 def bfloat16_decode_layers(model: GPT) -> dict[tuple[int, int], str]:
-    """Give each bfloat16 linear layer the faster of two kernels for one row, chosen per matrix
-    shape by timing both here: ATen's matrix-vector product (FewRowsLinear) or oneDNN's packed
-    weights (packed for one row). On gpt2's shapes they trade places by a few percent to 30%
-    (BENCHMARKS.md). Returns the choice per (out, in) shape."""
+    """Give each bfloat16 linear layer the faster kernel for one row, chosen per matrix shape by
+    timing here: ATen's matrix-vector product (FewRowsLinear) or oneDNN's packed weights. Each
+    shape is tried both ways within a whole step's 49 products in model order, so that every
+    weight is cold as in decoding (timed one shape alone, a small matrix stays in cache and
+    oneDNN looks faster than it is; BENCHMARKS.md). Returns the choice per (out, in) shape."""
     linears = [
         (parent, name, child)
         for parent in list(model.modules())
         for name, child in list(parent.named_children())
         if isinstance(child, torch.nn.Linear)
     ]
+    step = []
+    for _, _, child in linears:
+        aten = FewRowsLinear(child.in_features, child.out_features, device="meta")
+        aten.weight, aten.bias = child.weight, child.bias
+        step.append(aten)
     choice: dict[tuple[int, int], str] = {}
-    for parent, name, child in linears:
-        shape = tuple(child.weight.shape)
-        if shape not in choice:
-            aten = FewRowsLinear(child.in_features, child.out_features, device="meta")
-            aten.weight, aten.bias = child.weight, child.bias
-            packed = PackedLinear(child.weight, child.bias, rows=1)
-            width = child.in_features
-            faster = _one_row_seconds(packed, width) < _one_row_seconds(aten, width)
-            choice[shape] = "packed" if faster else "aten"
-        if choice[shape] == "packed":
-            setattr(parent, name, PackedLinear(child.weight, child.bias, rows=1))
+    for shape in dict.fromkeys(tuple(c.weight.shape) for _, _, c in linears):
+        mine = [i for i, (_, _, c) in enumerate(linears) if tuple(c.weight.shape) == shape]
+        trial = list(step)
+        for i in mine:
+            child = linears[i][2]
+            trial[i] = PackedLinear(child.weight, child.bias, rows=1)
+        packed_wins = _pass_seconds(trial) < _pass_seconds(step)
+        choice[shape] = "packed" if packed_wins else "aten"
+        if packed_wins:
+            step = trial
+    for (parent, name, child), layer in zip(linears, step, strict=True):
+        if isinstance(layer, PackedLinear):
+            setattr(parent, name, layer)
         else:
             child.__class__ = FewRowsLinear  # same parameters, another forward
     return choice
