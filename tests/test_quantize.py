@@ -10,6 +10,7 @@ import torch
 from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
+from minigpt2.attention import KVCache
 from minigpt2.generate import Generator, SamplingConfig
 from minigpt2.inference import FewRowsLinear, PackedLinear, layout_for_inference
 from minigpt2.quantize import Int8Linear, quantize_for_decoding
@@ -72,6 +73,13 @@ def test_bfloat16_layout_picks_a_kernel_per_shape_and_keeps_the_numbers(tmp_path
             a, b = laid_out(rows).float(), plain(rows).float()
             assert ((a - b).norm() / b.norm()).item() < 0.01
         Generator(laid_out).generate([idx[0].tolist()], cfg)
+        # decoding attends in float32 over a float32 cache, and matches the whole-window pass
+        cache = KVCache(laid_out.config, 1, 20, "cpu", torch.bfloat16)
+        assert cache.kv.dtype is torch.float32
+        laid_out.hidden_states(idx[:, :19], cache)
+        last = laid_out.lm_head(laid_out.hidden_states(idx[:, 19:], cache)).float()
+        whole = plain(idx)[:, -1:].float()
+        assert ((last - whole).norm() / whole.norm()).item() < 0.01
 
 
 def test_quantize_bad_input_is_one_line(tmp_path, monkeypatch):
