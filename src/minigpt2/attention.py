@@ -68,15 +68,14 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
         """mask: None (causal only) or a (B, 1, T, past+T) boolean of the keys each query sees."""
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # (3, B, nh, T, hs) in one view: q, k and v, and k with v for the cache in one copy
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
         past = 0
         if cache is not None:  # append this step's keys and values, attend over all so far
             past = cache.pos
-            cache.kv[layer, 0, :, :, past : past + T] = k
-            cache.kv[layer, 1, :, :, past : past + T] = v
-            k = cache.kv[layer, 0, :, :, : past + T]  # (B, nh, past+T, hs)
-            v = cache.kv[layer, 1, :, :, : past + T]
+            cache.kv[layer, :, :, :, past : past + T] = qkv[1:]
+            k, v = cache.kv[layer, :, :, :, : past + T].unbind(0)  # (B, nh, past+T, hs) each
         dropout = self.dropout if self.training else 0.0
         if q.device.type == "cpu" and q.dtype is torch.bfloat16:
             # torch's CPU attention is slow in bfloat16: its flash-attention backward ~8x
