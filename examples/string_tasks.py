@@ -66,8 +66,8 @@ def make(out: Path, train_words: int, test_words: int, seed: int) -> None:
 
 def score(model_spec: str, data: Path, batch_size: int) -> float:
     """Exact-match accuracy of greedy answers on test.jsonl, per task and overall."""
-    from minigpt2.checkpoint import load_any, tokenizer_for
     from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.loading import load_any, tokenizer_for
     from minigpt2.records import wrap_prompt
 
     model, header = load_any(model_spec)

@@ -318,8 +318,8 @@ def test_without_lm_eval_the_command_says_what_to_install(hf_dir, tmp_path):
 def test_hellaswag_during_training(tmp_path):
     from test_train import settings
 
-    from minigpt2.checkpoint import load_any
     from minigpt2.cli.train import train_main
+    from minigpt2.loading import load_any
 
     path = write_jsonl(tmp_path / "hs.jsonl", hellaswag_examples(30, seed=3))
     args = settings(tmp_path, hellaswag=str(path), hellaswag_examples=25, dropout=0.0)

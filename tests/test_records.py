@@ -205,8 +205,8 @@ def sample(*args, cwd):
 
 
 def test_sampling_a_record_model_uses_its_template_and_stops_at_eot(record_run, tmp_path):
-    from minigpt2.checkpoint import load_any
     from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.loading import load_any
     from minigpt2.records import ALPACA_NO_INPUT
 
     common = ["--model", str(record_run), "--prompt", "Add 3 and 3.", "--json", "--greedy"]

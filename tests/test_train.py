@@ -247,8 +247,8 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path):
 
 
 def test_sinusoidal_positions_train_resume_exactly_and_refuse_export(tmp_path):
-    from minigpt2.checkpoint import load_model
     from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.loading import load_model
     from minigpt2.pretrained import save_pretrained
 
     full, half = tmp_path / "full", tmp_path / "half"

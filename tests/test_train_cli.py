@@ -141,7 +141,7 @@ def test_finetune_released_checkpoint_lowers_loss_and_exports(tmp_path):
     assert exported.returncode == 0, exported.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     assert hf.config.n_positions == 32  # the cropped context travels with the export
-    from minigpt2.checkpoint import load_any
+    from minigpt2.loading import load_any
 
     ours, _ = load_any(str(tmp_path / "out"))
     idx = torch.randint(0, 50257, (2, 32))

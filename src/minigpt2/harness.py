@@ -54,9 +54,9 @@ class MiniGPT2LM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        from .checkpoint import load_any, tokenizer_for
         from .device import resolve_device, resolve_dtype
         from .inference import layout_for_inference
+        from .loading import load_any, tokenizer_for
         from .model import GPT
 
         if isinstance(pretrained, GPT):  # a copy: the inference layout below is final

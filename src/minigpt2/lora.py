@@ -167,7 +167,7 @@ def build_lora_model(
     tensors: dict, header: dict, source: str, base_dtype: torch.dtype | None = None, **overrides
 ) -> nn.Module:
     """The base a LoRA checkpoint names, with its adapters loaded (not merged)."""
-    from .checkpoint import load_any
+    from .loading import load_any
 
     saved = header["lora"]
     try:

@@ -10,6 +10,7 @@ from . import checkpoint as ckpt
 from .batches import open_corpus
 from .config import TrainConfig
 from .errors import MiniGPT2Error
+from .loading import find_checkpoint, load_model
 from .lora import apply_lora, build_lora_model
 from .model import GPT, GPTConfig
 from .records import RECORD_FORMATS, is_records_path, load_records
@@ -100,11 +101,11 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
         )
     from .pretrained import load_pretrained
 
-    path = ckpt.find_checkpoint(cfg.init_from)
+    path = find_checkpoint(cfg.init_from)
     if path is None:
         model = load_pretrained(cfg.init_from, dropout=cfg.dropout)
     else:
-        model, header = ckpt.load_model(path, dropout=cfg.dropout)
+        model, header = load_model(path, dropout=cfg.dropout)
         if header["tokenizer_hash"] != tokenizer.fingerprint:
             raise MiniGPT2Error(
                 f"init_from={cfg.init_from} was trained with tokenizer {header['tokenizer']!r}"

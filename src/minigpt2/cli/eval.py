@@ -48,9 +48,9 @@ def parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
-    from ..checkpoint import load_any, tokenizer_for
     from ..device import resolve_device, resolve_dtype
     from ..inference import layout_for_inference
+    from ..loading import load_any, tokenizer_for
     from ..quantize import check_scheme, quantize_for_decoding
 
     args = parser().parse_args(argv)

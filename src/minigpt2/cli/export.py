@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _tokenizer(model, header, args):
     """The model's tokenizer, or None when it is not to be written."""
-    from ..checkpoint import tokenizer_for
+    from ..loading import tokenizer_for
 
     if args.no_tokenizer:
         return None
@@ -59,7 +59,7 @@ def _tokenizer(model, header, args):
 
 def export_main(argv: list[str]) -> int:
     """Export SOURCE to DEST; everything is checked before anything is written."""
-    from ..checkpoint import load_any
+    from ..loading import load_any
 
     args = parser().parse_args(argv)
     gguf = args.dest.endswith(".gguf")
@@ -98,7 +98,8 @@ def export_main(argv: list[str]) -> int:
 
 def _export_adapters(args, gguf: bool) -> int:
     """A LoRA run's adapters as PEFT's adapter_model.safetensors + adapter_config.json."""
-    from ..checkpoint import find_checkpoint, load_checkpoint
+    from ..checkpoint import load_checkpoint
+    from ..loading import find_checkpoint
     from ..lora import save_peft_adapter
     from ..nanogpt import is_nanogpt_file
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import load_any, tokenizer_for
 from ..errors import MiniGPT2Error
+from ..loading import load_any, tokenizer_for
 
 
 def parser() -> argparse.ArgumentParser:
