@@ -52,15 +52,17 @@ def _piece_layout(shape, itemsize: int, pieces=(PIECE_BYTES, MAX_PIECES)) -> tup
     return max(1, -(-rows // max_pieces), -(-piece_bytes // max(row_bytes, 1))), row_bytes
 
 
+def _piece_hash(piece) -> str:
+    """The digest of one piece of a tensor's bytes, as written and as checked."""
+    return hashlib.blake2b(piece, digest_size=16).hexdigest()
+
+
 def _piece_digests(t: torch.Tensor) -> list[str]:
-    """blake2b of each piece of t's bytes."""
+    """The digest of each piece of t's bytes."""
     data = t.contiguous().reshape(-1).view(torch.uint8).numpy() if t.numel() else b""
     per, row_bytes = _piece_layout(t.shape, t.element_size())
     step = max(per * row_bytes, 1)
-    return [
-        hashlib.blake2b(data[i : i + step], digest_size=16).hexdigest()
-        for i in range(0, max(len(data), 1), step)
-    ]
+    return [_piece_hash(data[i : i + step]) for i in range(0, max(len(data), 1), step)]
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -199,13 +201,13 @@ class CheckpointFile:
             data = self._pread(self.start + lo, hi - lo)
         except (OSError, ValueError) as e:
             raise MiniGPT2Error(f"checkpoint {self.path} is truncated or corrupt ({e})") from None
-        step, digests = per * row_bytes, self.header["digests"].get(name, [])
+        step, digests, view = (
+            per * row_bytes,
+            self.header["digests"].get(name, []),
+            memoryview(data),
+        )
         for k, i in enumerate(range(first, last)):
-            piece = bytes(data[k * step : (k + 1) * step])
-            if (
-                i >= len(digests)
-                or hashlib.blake2b(piece, digest_size=16).hexdigest() != digests[i]
-            ):
+            if i >= len(digests) or _piece_hash(view[k * step : (k + 1) * step]) != digests[i]:
                 raise self._corrupt()
         out = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
         if not shape:
@@ -276,14 +278,16 @@ def optimizer_tensors(state: dict[str, dict]) -> dict[str, torch.Tensor]:
     }
 
 
-def optimizer_state(tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, dict]:
-    """The inverse of optimizer_tensors for the parameters in names."""
+def optimizer_state(f: CheckpointFile, params: list[str], read=None) -> dict[str, dict]:
+    """The inverse of optimizer_tensors for the parameters in params, read from f: each
+    tensor whole, or as read(parameter, tensor name) returns it (a rank's rows under FSDP)."""
+    read = read or (lambda param, name: f.tensor(name))
     state: dict[str, dict] = {}
-    for name in names:
-        prefix = f"optim.{name}."
-        entry = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+    for param in params:
+        prefix = f"optim.{param}."
+        entry = {n[len(prefix) :]: read(param, n) for n in f.names() if n.startswith(prefix)}
         if entry:
-            state[name] = entry
+            state[param] = entry
     return state
 
 

@@ -203,7 +203,6 @@ def check_hub(spec: str, name: str, instead: str) -> None:
     be reached: datasets would otherwise retry for half a minute first. Skipped for a local
     folder, when the offline variables are set (datasets then reads its cache) and behind a
     proxy (which this probe would not use)."""
-    import socket
     from urllib.parse import urlsplit
 
     offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")

@@ -21,6 +21,9 @@ class DistContext:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    # Small agreements between hosts (a signal flag) on a CPU group: on the default NCCL group
+    # reading the result back would stall the host on the GPU every step. None: the default.
+    control: object = None
 
     @property
     def is_main(self) -> bool:
@@ -52,12 +55,14 @@ def init_distributed(device: torch.device, timeout_s: float) -> tuple[DistContex
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=backend,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=timeout,
         **({"device_id": device} if device.type == "cuda" else {}),
     )
-    return DistContext(rank, local_rank, world), device
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    return DistContext(rank, local_rank, world, control), device
 
 
 def in_turns(ctx: DistContext, work, task: str = "prepare the data", every: float = 60.0):
@@ -132,12 +137,13 @@ def all_gathered(obj, ctx: DistContext) -> list:
     return out
 
 
-def max_across_ranks(value: int, ctx: DistContext, device: torch.device) -> int:
-    """The largest of an integer over all ranks (value itself when alone)."""
+def max_across_ranks(value: int, ctx: DistContext) -> int:
+    """The largest of an integer over all ranks (value itself when alone), agreed on the
+    CPU: it never waits for a GPU's queued work."""
     if not ctx.enabled:
         return value
-    t = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.control)
     return int(t.item())
 
 

@@ -226,6 +226,10 @@ class GPT(nn.Module):
         """Draw fresh weights as GPT-2 does (init_plan), and recompute the fixed buffers."""
         for name, kind, std in self.init_plan():
             init_tensor(self.get_parameter(name), kind, std)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the buffers that are not saved (after memory was given to a meta model)."""
         if isinstance(self.transformer.wpe, SinusoidalPositions):
             self.transformer.wpe.reset_table()
 

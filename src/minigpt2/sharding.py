@@ -33,8 +33,7 @@ def sharded_model(config: GPTConfig, device: torch.device, dtype: torch.dtype) -
     model.to_empty(device=device)
     if model.lm_head.weight is not model.transformer.wte.weight:
         raise MiniGPT2Error("FSDP lost the tie between lm_head and wte")  # torch changed
-    if hasattr(model.transformer.wpe, "reset_table"):
-        model.transformer.wpe.reset_table()
+    model.reset_buffers()
     return model
 
 
@@ -84,33 +83,22 @@ def rows_of_checkpoint(f: CheckpointFile) -> RowSource:
     return lambda name, start, stop: f.rows(f"model.{name}", start, stop)
 
 
-def sharded_optimizer_state(f: CheckpointFile, model: GPT, names: list[str]) -> dict[str, dict]:
-    """{parameter name: {key: value}} of a checkpoint's optimizer state, each value shaped
-    like its parameter read as this rank's rows only (a DTensor like the parameter)."""
+def sharded_state_reader(f: CheckpointFile, model: GPT):
+    """read(parameter, tensor name) for checkpoint.optimizer_state: a state tensor shaped
+    like its parameter is read as this rank's rows only (a DTensor like the parameter); a
+    step count whole, as every rank keeps it."""
     from torch.distributed.tensor import DTensor
 
-    keys: dict[str, list[str]] = {}
-    for entry in f.names():
-        if entry.startswith("optim."):
-            name, _, key = entry.removeprefix("optim.").rpartition(".")
-            keys.setdefault(name, []).append(key)
-    state = {}
-    for name in names:
-        p = model.get_parameter(name)
-        start, stop = shard_rows(p)
-        entry = {}
-        for key in keys.get(name, []):
-            full_name = f"optim.{name}.{key}"
-            if f.shape(full_name) != tuple(p.shape):  # a step count: the same on every rank
-                entry[key] = f.tensor(full_name)
-                continue
-            local = f.rows(full_name, start, stop).to(p.device)
-            entry[key] = DTensor.from_local(
-                local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
-            )
-        if entry:
-            state[name] = entry
-    return state
+    def read(param: str, name: str) -> torch.Tensor:
+        p = model.get_parameter(param)
+        if f.shape(name) != tuple(p.shape):
+            return f.tensor(name)
+        local = f.rows(name, *shard_rows(p)).to(p.device)
+        return DTensor.from_local(
+            local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()
+        )
+
+    return read
 
 
 def _full_options(**kw):

@@ -29,7 +29,7 @@ from .distributed import (
 )
 from .errors import MiniGPT2Error
 from .optim import build_optimizer, lr_at
-from .sharding import full_model_state, full_optimizer_state, sharded_optimizer_state
+from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
 from .startup import open_data, start_model
 from .tokenizer import get_tokenizer
 
@@ -149,11 +149,8 @@ class Trainer:
     def _restore(self, resume: ckpt.CheckpointFile) -> None:
         """Optimizer, scaler, random generators and counters as the checkpoint saved them."""
         header = resume.header
-        if self.fsdp:  # this rank's rows of each state tensor only
-            state = sharded_optimizer_state(resume, self.model, self.param_names)
-        else:
-            optim = {n: resume.tensor(n) for n in resume.names() if n.startswith("optim.")}
-            state = ckpt.optimizer_state(optim, self.param_names)
+        read = sharded_state_reader(resume, self.model) if self.fsdp else None  # its rows
+        state = ckpt.optimizer_state(resume, self.param_names, read)
         groups = ckpt.merged_param_groups(
             header["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
         )
@@ -344,7 +341,7 @@ class Trainer:
             loss = self.train_step()
             # A signal may reach one rank only (a kill of one process, a node's preemption):
             # every rank learns of it at the same step, so they checkpoint and stop together.
-            stop = max_across_ranks(interrupted.signal or 0, self.dist, self.device)
+            stop = max_across_ranks(interrupted.signal or 0, self.dist)
             at_end = self.iter == cfg.max_iters
             evaluate = self.iter % cfg.eval_interval == 0 or at_end
             save = self.iter % cfg.checkpoint_interval == 0 or at_end
