@@ -11,6 +11,7 @@ import torch
 
 from .errors import MiniGPT2Error
 from .model import GPT, KVCache
+from .native import NativeDecoder
 
 
 @dataclass
@@ -100,7 +101,7 @@ class GenerationStats:
 class Generator:
     """Generates from a GPT with a KV cache; several prompts (or samples) run as one batch."""
 
-    def __init__(self, model: GPT, vocab_limit: int | None = None) -> None:
+    def __init__(self, model: GPT, vocab_limit: int | None = None, native: bool = True) -> None:
         self.model = getattr(model, "_orig_mod", model).eval()
         wte = self.model.transformer.wte.weight
         vocab = vocab_limit or wte.shape[0]
@@ -112,10 +113,13 @@ class Generator:
         self.vocab = vocab  # padded ids past the tokenizer's are never picked
         self.device, self.dtype = wte.device, wte.dtype
         self.hidden_states = self.model.hidden_states
+        # one-sequence steps in native.c where it runs (native.py); None: all in PyTorch
+        self.native = NativeDecoder.for_model(self.model) if native else None
 
     def compile(self) -> Generator:
         """torch.compile the model's per-step computation (shapes vary: dynamic)."""
         self.hidden_states = torch.compile(self.model.hidden_states, dynamic=True)
+        self.native = None
         return self
 
     def logits(self, idx: torch.Tensor, cache: KVCache | None, mask=None) -> torch.Tensor:
@@ -176,6 +180,8 @@ class Generator:
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
         done = torch.zeros(n, dtype=torch.bool, device=device)
+        if self.native is not None and not self.native.current():  # moved or replaced
+            self.native = NativeDecoder.for_model(self.model)
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.pos + step_input.shape[1] > block:
@@ -186,6 +192,8 @@ class Generator:
                     cache.reset()
             if cache is not None and step_mask is not None:  # a padded batch starts
                 logits = self.prefill(step_input, step_mask, cache)
+            elif self.native is not None and self.native.fits(cache, step_input):
+                logits = self.native.step(int(step_input), cache)[:, : self.vocab]
             else:
                 logits = self.logits(step_input, cache, step_mask)
             token = pick_tokens(process_logits(logits, cfg, seq), cfg, gens)

@@ -13,6 +13,7 @@ import time
 import torch
 
 from .model import GPT
+from .native import use_native_linears
 
 
 class PackedLinear(torch.nn.Module):
@@ -111,8 +112,12 @@ def packed_weights_available(weight: torch.Tensor) -> bool:
     )
 
 
-def layout_for_inference(model: GPT, pack: bool = True) -> GPT:
+def layout_for_inference(model: GPT, pack: bool = True, decoding: bool = False) -> GPT:
     """Store the weights the way inference reads them fastest; the model is for inference after.
+
+    decoding: the model will generate (a few rows a product) rather than score (hundreds). On a
+    CPU that runs the native decoder (native.py) weights then stay dense and row-major, where
+    it reads them: the few-row products and whole one-sequence steps run there.
 
     Decoding reads every weight matrix once per step, with as many rows as sequences in the
     batch. float32 on a CPU: each linear layer (the tied head too, as a copy) becomes a
@@ -125,6 +130,8 @@ def layout_for_inference(model: GPT, pack: bool = True) -> GPT:
     which their kernels read faster.
     pack=False keeps dense weights, for torch.compile (inductor cannot lower packed ones).
     """
+    if decoding and pack and use_native_linears(model):
+        return model
     if pack and packed_weights_available(model.transformer.wte.weight):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .errors import MiniGPT2Error
+from .native import NativeLinear, native_available, native_linear
 
 SCHEMES = ("int8",)
 
@@ -32,7 +33,12 @@ class Int8Linear(nn.Module):
         b = None if bias is None else bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", b, persistent=False)
 
+    # a decode step of up to this many sequences runs in native.c where it runs (native.py)
+    NATIVE_ROWS = NativeLinear.ROWS
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() <= self.NATIVE_ROWS and x.is_cpu and native_available():
+            return native_linear(self, x)
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
         out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:

@@ -141,7 +141,7 @@ def sample_main(argv: list[str]) -> int:
     if args.quantize:
         model = quantize_for_decoding(model, args.quantize)
     else:
-        model = layout_for_inference(model, pack=not args.compile)
+        model = layout_for_inference(model, pack=not args.compile, decoding=True)
     gen = Generator(model, vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()

@@ -1,0 +1,225 @@
+"""The native decoder (native.c, built by pip install where a C compiler is present): GPT-2's
+one-token step in one call, and matrix products with a few rows, on x86-64 CPUs with AVX-512.
+
+Decoding in PyTorch spends a quarter of a gpt2 token outside the matrix-vector products
+(about 250 small operations, each dispatched from Python); the native step runs them all on
+its own threads between the products (BENCHMARKS.md). Without the library, or on another CPU,
+`native_available()` is False and minigpt2 decodes in PyTorch, with the same tokens.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from ctypes import POINTER, c_float, c_int, c_int32, c_void_p
+from functools import cache
+
+import torch
+from torch import nn
+
+from .attention import KVCache
+from .model import GPT, SinusoidalPositions
+
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native.c's F32, BF16, INT8
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("w", c_void_p), ("b", c_void_p), ("scale", c_void_p)] + [
+        (name, c_int32) for name in ("rows", "cols", "type")
+    ]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [(name, c_void_p) for name in ("ln1_w", "ln1_b", "ln2_w", "ln2_b")] + [
+        (name, _Linear) for name in ("attn", "attn_proj", "fc", "fc_proj")
+    ]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = (
+        [("blocks", POINTER(_Block))]
+        + [(name, c_void_p) for name in ("wte", "wpe", "lnf_w", "lnf_b")]
+        + [("head", _Linear), ("kv", c_void_p), ("work", c_void_p)]
+        + [(name, c_int32) for name in ("n_layer", "n_head", "n_embd", "room", "threads")]
+        + [("wte_type", c_int32), ("gelu_exact", c_int32), ("eps", c_float)]
+        + [("tok_scale", c_float)]
+    )
+
+
+@cache
+def _library() -> ctypes.CDLL | None:
+    """The built native.c with its signatures, or None where it was not built or cannot run."""
+    spec = importlib.util.find_spec("minigpt2._native")
+    if spec is None or spec.origin is None:
+        return None
+    lib = ctypes.CDLL(spec.origin)
+    lib.mg2_supported.restype = c_int
+    if not lib.mg2_supported():
+        return None
+    lib.mg2_work_floats.restype = ctypes.c_long
+    lib.mg2_work_floats.argtypes = [c_int, c_int, c_int]
+    lib.mg2_step.argtypes = [POINTER(_Model), c_int, c_int, c_void_p]
+    lib.mg2_linear.argtypes = [POINTER(_Linear), c_void_p, c_void_p, c_int, c_int]
+    return lib
+
+
+def native_available() -> bool:
+    """Whether the native decoder was built and this CPU runs it (x86-64 with AVX-512)."""
+    return _library() is not None
+
+
+def linear_struct(layer: nn.Module, keep: list[torch.Tensor]) -> _Linear:
+    """layer (nn.Linear, or quantize.Int8Linear) as native.c's Linear, pointing at its own
+    weight; float32 copies of its bias and scales go into keep, which must outlive it."""
+    w = layer.weight.detach()
+    if not w.is_contiguous() or w.dtype not in TYPES or w.device.type != "cpu":
+        raise ValueError("the native decoder reads row-major float32, bfloat16 or int8 weights")
+    keep.append(w)
+    return _Linear(
+        w=w.data_ptr(),
+        b=_float_copy(layer.bias, keep),
+        scale=_float_copy(getattr(layer, "scales", None), keep),
+        rows=w.shape[0],
+        cols=w.shape[1],
+        type=TYPES[w.dtype],
+    )
+
+
+def _float_copy(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
+    """Address of t as float32 and contiguous (t itself when it already is), kept in keep."""
+    if t is None:
+        return None
+    t = t.detach().float().contiguous()
+    keep.append(t)
+    return t.data_ptr()
+
+
+def native_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x) for a few rows in native.c: each weight read once for all rows, in float32."""
+    built = getattr(layer, "_native", None)
+    if built is None or built[0] != layer.weight.data_ptr():  # weights replaced: describe anew
+        keep: list[torch.Tensor] = []
+        built = (layer.weight.data_ptr(), linear_struct(layer, keep), keep)
+        layer._native = built
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    out = torch.empty(rows.shape[0], built[1].rows)
+    _library().mg2_linear(
+        ctypes.byref(built[1]), rows.data_ptr(), out.data_ptr(), rows.shape[0],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+class NativeLinear(nn.Linear):
+    """A linear layer for CPU decoding: up to ROWS rows (a decode step of that many sequences)
+    in native.c, more (a prompt) in torch. Same parameters as the nn.Linear it replaces."""
+
+    ROWS = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[:-1].numel() > self.ROWS or torch.is_grad_enabled():
+            return super().forward(x)
+        return native_linear(self, x)
+
+
+def use_native_linears(model: GPT) -> bool:
+    """Run the few-row products of model's linear layers (the head too) in native.c, where it
+    runs and the weights are float32 or bfloat16 on the CPU; whether it did."""
+    weight = model.transformer.wte.weight
+    if not native_available() or weight.device.type != "cpu" or weight.dtype not in TYPES:
+        return False
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = NativeLinear
+    return True
+
+
+class NativeDecoder:
+    """GPT-2's one-token step for one sequence in native.c, reading the model's own weights
+    (float32, bfloat16, or int8 from quantize_for_decoding) in place; keys and values go into
+    the float32 KVCache that the PyTorch model fills for the prompt."""
+
+    def __init__(self, model: GPT) -> None:
+        cfg, t = model.config, model.transformer
+        self._keep: list[torch.Tensor] = []  # what the C structs point into
+        blocks = (_Block * cfg.n_layer)()
+        for block, b in zip(t.h, blocks, strict=True):
+            b.ln1_w, b.ln1_b = self._vector(block.ln_1.weight), self._vector(block.ln_1.bias)
+            b.ln2_w, b.ln2_b = self._vector(block.ln_2.weight), self._vector(block.ln_2.bias)
+            b.attn = linear_struct(block.attn.c_attn, self._keep)
+            b.attn_proj = linear_struct(block.attn.c_proj, self._keep)
+            b.fc = linear_struct(block.mlp.c_fc, self._keep)
+            b.fc_proj = linear_struct(block.mlp.c_proj, self._keep)
+        head = linear_struct(model.lm_head, self._keep)
+        m = _Model(blocks=ctypes.cast(blocks, POINTER(_Block)), head=head)
+        wte = t.wte.weight.detach()
+        self._keep.append(wte)
+        m.wte, m.wte_type = wte.data_ptr(), TYPES[wte.dtype]
+        m.wpe = self._vector(
+            t.wpe.table if isinstance(t.wpe, SinusoidalPositions) else t.wpe.weight
+        )
+        m.lnf_w, m.lnf_b = self._vector(t.ln_f.weight), self._vector(t.ln_f.bias)
+        m.n_layer, m.n_head, m.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
+        m.gelu_exact, m.eps = cfg.gelu == "exact", cfg.layer_norm_epsilon
+        # Vaswani et al.'s token scaling, as GPT.hidden_states applies it
+        m.tok_scale = cfg.n_embd**0.5 if cfg.pos_embedding == "sinusoidal" else 1.0
+        m.threads = torch.get_num_threads()
+        self.model, self._blocks = m, blocks
+        self.logits = torch.empty(1, head.rows)
+        self._work = torch.empty(0)
+        self._source = model
+        self._pointers = self._weights_of(model)
+
+    @classmethod
+    def for_model(cls, model: GPT) -> NativeDecoder | None:
+        """A decoder for model where native.c runs it: CPU weights it reads (not oneDNN's
+        packed ones) and no training-time pieces (dropout); otherwise None."""
+        wte = model.transformer.wte.weight
+        if not native_available() or wte.device.type != "cpu" or wte.dtype not in TYPES:
+            return None
+        if model.training:
+            return None
+        try:
+            return cls(model)
+        except (ValueError, AttributeError, RuntimeError):  # packed (no storage) or foreign layers
+            return None
+
+    @staticmethod
+    def _weights_of(model: GPT) -> list[int]:
+        return [p.data_ptr() for p in model.parameters()] + [
+            b.data_ptr() for b in model.buffers() if b is not None
+        ]
+
+    def current(self) -> bool:
+        """Whether the model still holds the weights this decoder reads (not moved or
+        replaced since): a float32 copy of a bias would not see a new one."""
+        return self._weights_of(self._source) == self._pointers
+
+    def fits(self, cache: KVCache | None, ids: torch.Tensor) -> bool:
+        """Whether this step runs natively: one sequence, one new token, an unpadded float32
+        cache on the CPU."""
+        return (
+            cache is not None
+            and ids.shape == (1, 1)
+            and cache.mask is None
+            and cache.kv.dtype is torch.float32
+            and cache.kv.device.type == "cpu"
+            and cache.kv.is_contiguous()
+        )
+
+    def _vector(self, t: torch.Tensor | None) -> int | None:
+        return _float_copy(t, self._keep)
+
+    def step(self, token: int, cache: KVCache) -> torch.Tensor:
+        """Logits (1, vocab) after token, which sits at cache.pos; its key and value are
+        stored there and cache.pos moves on by one. The tensor is reused by the next step."""
+        room = cache.kv.shape[4]
+        if self.model.room != room:  # scratch holds a score per cached position
+            self._work = torch.empty(
+                _library().mg2_work_floats(self.model.n_embd, room, self.model.threads)
+            )
+            self.model.work, self.model.room = self._work.data_ptr(), room
+        self.model.kv = cache.kv.data_ptr()
+        _library().mg2_step(ctypes.byref(self.model), token, cache.pos, self.logits.data_ptr())
+        cache.pos += 1
+        return self.logits

@@ -1,0 +1,127 @@
+"""The native decoder (native.c): its step and few-row products against PyTorch's numbers."""
+
+import pytest
+import torch
+from conftest import write_hf_checkpoint
+
+from minigpt2 import GPT, GPTConfig
+from minigpt2.attention import KVCache
+from minigpt2.generate import Generator, SamplingConfig
+from minigpt2.inference import layout_for_inference
+from minigpt2.native import NativeDecoder, NativeLinear, native_available
+from minigpt2.quantize import Int8Linear, quantize_for_decoding
+
+pytestmark = pytest.mark.skipif(
+    not native_available(), reason="native decoder not built or this CPU lacks AVX-512"
+)
+
+
+def odd_model(**overrides) -> GPT:
+    """Widths that are no multiple of 16 (head size 6, 72 columns, 37-row head): every
+    kernel's masked tail runs. Wide init: logits far apart, as real models' are."""
+    torch.manual_seed(0)
+    cfg = dict(n_layer=2, n_head=12, n_embd=72, vocab_size=37, block_size=40)
+    model = GPT(GPTConfig(**(cfg | overrides)))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def steps(model: GPT, decoder: NativeDecoder, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """Logits of the native step after each token from `prompt` on (the prompt by PyTorch)."""
+    cache = KVCache(model.config, 1, ids.shape[1], "cpu", torch.float32)
+    with torch.inference_mode():
+        model.hidden_states(ids[:, :prompt], cache)
+        return torch.cat([decoder.step(int(t), cache).clone() for t in ids[0, prompt:]])
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"gelu": "exact", "pos_embedding": "sinusoidal"}, {"bias": False}]
+)
+def test_float32_step_equals_the_model(overrides):
+    model = odd_model(**overrides)
+    ids = torch.randint(0, 37, (1, 30))
+    with torch.inference_mode():
+        ref = model(ids)[0, 10:]
+    out = steps(model, NativeDecoder(model), ids, prompt=10)
+    assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
+
+
+def float_twin(quantized: GPT) -> GPT:
+    """A float32 model holding the weights quantized multiplies by: bfloat16 ones widened,
+    int8 ones dequantized (the head's int8 copy untied from the embedding)."""
+    twin = odd_model()
+    with torch.no_grad():
+        for name, layer in quantized.named_modules():
+            target = twin.get_submodule(name)
+            if isinstance(layer, Int8Linear):
+                target.weight = torch.nn.Parameter(layer.dequantized())
+                if layer.bias is not None:
+                    target.bias.copy_(layer.bias.float())
+            elif isinstance(layer, torch.nn.Linear | torch.nn.LayerNorm | torch.nn.Embedding):
+                for key, p in layer.named_parameters(recurse=False):
+                    getattr(target, key).copy_(p.float())
+    return twin
+
+
+def test_bfloat16_and_int8_steps_compute_exactly_their_weights_in_float32():
+    """native.c multiplies bfloat16 and int8 weights exactly in float32, activations too: the
+    reference is a float32 model holding those weights."""
+    ids = torch.randint(0, 37, (1, 24))
+    for quantized in (odd_model().to(torch.bfloat16), quantize_for_decoding(odd_model())):
+        twin = float_twin(quantized)
+        out = steps(twin, NativeDecoder(quantized), ids, prompt=8)
+        with torch.inference_mode():
+            ref = twin(ids)[0, 8:]
+        assert torch.allclose(out, ref, atol=2e-5, rtol=1e-5), (out - ref).abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_few_row_products_equal_torch(dtype):
+    layer = torch.nn.Linear(72, 37).to(dtype)
+    x = torch.randn(8, 72).to(dtype)
+    ref = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
+    layer.__class__ = NativeLinear
+    with torch.inference_mode():
+        for rows in (1, 3, 8):  # 9 or more rows go to torch
+            out = layer(x[:rows]).float()
+            tol = 1e-5 if dtype is torch.float32 else 1e-2  # the output rounds to dtype
+            assert torch.allclose(out, ref[:rows], rtol=tol, atol=tol)
+
+
+def test_generation_matches_transformers_and_the_pytorch_path(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    directory = write_hf_checkpoint(
+        tmp_path / "hf", n_layer=2, n_head=4, n_embd=64, vocab_size=500, n_positions=64,
+        initializer_range=0.3,
+    )  # fmt: skip
+    prompt, n = [5, 17, 300, 42, 9], 50  # runs past the 64 positions: the window slides
+    hf = transformers.GPT2LMHeadModel.from_pretrained(directory).eval()
+    ref = hf.generate(
+        torch.tensor([prompt]), do_sample=False, max_new_tokens=40, min_new_tokens=40,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()  # fmt: skip
+    model = layout_for_inference(GPT.from_pretrained(directory), decoding=True)
+    native = Generator(model)
+    assert native.native is not None
+    greedy = SamplingConfig(max_new_tokens=n, greedy=True)
+    assert native.generate([prompt], greedy)[0][:40] == ref
+    plain = Generator(model, native=False)
+    assert native.generate([prompt], greedy) == plain.generate([prompt], greedy)
+    sampled = SamplingConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=4)
+    assert native.generate([prompt], sampled) == plain.generate([prompt], sampled)
+    for b in (native, plain):  # batches of several run in PyTorch with native products
+        assert b.generate([prompt, prompt[:2]], greedy) == plain.generate(
+            [prompt, prompt[:2]], greedy
+        )
+
+
+def test_a_replaced_weight_is_seen():
+    model = odd_model()
+    gen = Generator(model)
+    prompt, cfg = [1, 2, 3], SamplingConfig(max_new_tokens=12, greedy=True)
+    gen.generate([prompt], cfg)
+    model.transformer.h[0].ln_1.bias = torch.nn.Parameter(torch.randn(72))  # not in place
+    assert gen.generate([prompt], cfg) == Generator(model, native=False).generate([prompt], cfg)
