@@ -32,7 +32,11 @@ def main() -> None:
 
         gen = Generator(quantize_for_decoding(model, "int8"))
     else:
-        gen = Generator(layout_for_inference(model.to(getattr(torch, args.dtype)), decoding=True))
+        gen = Generator(
+            layout_for_inference(
+                model.to(getattr(torch, args.dtype)), sequences=len(PROMPT_LENGTHS)
+            )
+        )
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 50257, (n,), generator=g).tolist() for n in PROMPT_LENGTHS]
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, greedy=True)

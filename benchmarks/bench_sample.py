@@ -69,7 +69,7 @@ def main() -> None:
         if row == "int8":
             model = quantize_for_decoding(model, "int8")
         else:
-            model = layout_for_inference(model.to(getattr(torch, row)), decoding=True)
+            model = layout_for_inference(model.to(getattr(torch, row)), sequences=1)
         gens[row] = Generator(model)
     gguf = {}
     if args.llama_cpp:

@@ -103,7 +103,7 @@ def test_generation_matches_transformers_and_the_pytorch_path(tmp_path):
         torch.tensor([prompt]), do_sample=False, max_new_tokens=40, min_new_tokens=40,
         pad_token_id=0,
     )[0, len(prompt) :].tolist()  # fmt: skip
-    model = layout_for_inference(GPT.from_pretrained(directory), decoding=True)
+    model = layout_for_inference(GPT.from_pretrained(directory), sequences=1)
     native = Generator(model)
     assert native.native is not None
     greedy = SamplingConfig(max_new_tokens=n, greedy=True)

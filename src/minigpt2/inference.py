@@ -13,7 +13,7 @@ import time
 import torch
 
 from .model import GPT
-from .native import use_native_linears
+from .native import NativeLinear, use_native_linears
 
 
 class PackedLinear(torch.nn.Module):
@@ -112,12 +112,15 @@ def packed_weights_available(weight: torch.Tensor) -> bool:
     )
 
 
-def layout_for_inference(model: GPT, pack: bool = True, decoding: bool = False) -> GPT:
+def layout_for_inference(model: GPT, pack: bool = True, sequences: int = 0) -> GPT:
     """Store the weights the way inference reads them fastest; the model is for inference after.
 
-    decoding: the model will generate (a few rows a product) rather than score (hundreds). On a
-    CPU that runs the native decoder (native.py) weights then stay dense and row-major, where
-    it reads them: the few-row products and whole one-sequence steps run there.
+    sequences: how many the model will decode at once, a row each per product; 0 if it will
+    score text instead (hundreds of rows a product). On a CPU that runs the native decoder
+    (native.py), decoding keeps dense row-major weights, which it reads: products of up to 8
+    rows and whole one-sequence steps run there. Except float32 with more than 2 sequences,
+    where oneDNN's packed weights multiply faster (gpt2's 49 matrices at 4 rows 12.9 ms
+    against 15.3, at 8 rows 13.0 against 16.3; BENCHMARKS.md).
 
     Decoding reads every weight matrix once per step, with as many rows as sequences in the
     batch. float32 on a CPU: each linear layer (the tied head too, as a copy) becomes a
@@ -130,8 +133,10 @@ def layout_for_inference(model: GPT, pack: bool = True, decoding: bool = False) 
     which their kernels read faster.
     pack=False keeps dense weights, for torch.compile (inductor cannot lower packed ones).
     """
-    if decoding and pack and use_native_linears(model):
-        return model
+    float32 = model.transformer.wte.weight.dtype is torch.float32
+    if 0 < sequences <= (2 if float32 else NativeLinear.ROWS) and pack:
+        if use_native_linears(model):
+            return model
     if pack and packed_weights_available(model.transformer.wte.weight):
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):

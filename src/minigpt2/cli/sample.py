@@ -141,7 +141,8 @@ def sample_main(argv: list[str]) -> int:
     if args.quantize:
         model = quantize_for_decoding(model, args.quantize)
     else:
-        model = layout_for_inference(model, pack=not args.compile, decoding=True)
+        at_once = args.num_samples * (min(args.batch_size, len(prompts)) if args.batch_file else 1)
+        model = layout_for_inference(model, pack=not args.compile, sequences=at_once)
     gen = Generator(model, vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()
