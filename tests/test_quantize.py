@@ -98,3 +98,15 @@ def test_quantize_bad_input_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(quantize, "int8_kernel_available", lambda device: False)
     with pytest.raises(MiniGPT2Error, match="no int8 weight kernel on cpu"):
         quantize_for_decoding(small())
+
+
+def test_without_the_native_decoder_decoding_runs_in_pytorch(monkeypatch):
+    import minigpt2.native as native
+
+    monkeypatch.setattr(native, "_library", lambda: None)  # not built, or a CPU without AVX-512
+    model = layout_for_inference(small().to(torch.bfloat16), sequences=1)
+    assert any(isinstance(m, FewRowsLinear | PackedLinear) for m in model.modules())
+    gen = Generator(model)
+    assert gen.native is None
+    out = gen.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=5, greedy=True))
+    assert len(out[0]) == 5
