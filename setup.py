@@ -7,7 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "minigpt2._native",
-            sources=["src/minigpt2/native.c"],
+            sources=["src/minigpt2/native.c", "src/minigpt2/native_products.c"],
+            depends=["src/minigpt2/native.h"],
             extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,  # a failed build leaves the pure-PyTorch decoder

@@ -1,10 +1,12 @@
 """The native decoder (native.c): its step and few-row products against PyTorch's numbers."""
 
+import copy
+
 import pytest
 import torch
 from conftest import write_hf_checkpoint
 
-from minigpt2 import GPT, GPTConfig
+from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.attention import KVCache
 from minigpt2.generate import Generator, SamplingConfig
 from minigpt2.inference import layout_for_inference
@@ -125,3 +127,16 @@ def test_a_replaced_weight_is_seen():
     gen.generate([prompt], cfg)
     model.transformer.h[0].ln_1.bias = torch.nn.Parameter(torch.randn(72))  # not in place
     assert gen.generate([prompt], cfg) == Generator(model, native=False).generate([prompt], cfg)
+
+
+def test_laid_out_models_still_copy_and_bad_steps_are_refused():
+    model = layout_for_inference(odd_model(), sequences=1)
+    gen, cfg = Generator(model), SamplingConfig(max_new_tokens=4, greedy=True)
+    first = gen.generate([[1, 2]], cfg)
+    assert Generator(copy.deepcopy(model)).generate([[1, 2]], cfg) == first  # no C pointers copied
+    cache = KVCache(model.config, 1, 2, "cpu", torch.float32)
+    with pytest.raises(MiniGPT2Error, match="token 99"):
+        gen.native.step(99, cache)
+    cache.pos = 2
+    with pytest.raises(MiniGPT2Error, match="position 2 of a cache of 2"):
+        gen.native.step(1, cache)

@@ -1,16 +1,19 @@
-"""The native decoder (native.c, built by pip install where a C compiler is present): GPT-2's
-one-token step in one call, and matrix products with a few rows, on x86-64 CPUs with AVX-512.
+"""The native decoder (native.c and native_products.c, built by pip install where a C compiler
+is present): GPT-2's one-token step in one call, and matrix products with a few rows, on
+x86-64 CPUs with AVX-512.
 
 Decoding in PyTorch spends a quarter of a gpt2 token outside the matrix-vector products
 (about 250 small operations, each dispatched from Python); the native step runs them all on
-its own threads between the products (BENCHMARKS.md). Without the library, or on another CPU,
-`native_available()` is False and minigpt2 decodes in PyTorch, with the same tokens.
+torch's threads between the products (BENCHMARKS.md). Without the library, or on another CPU,
+`native_available()` is False and minigpt2 decodes in PyTorch (in float32, to the same greedy
+tokens).
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import weakref
 from ctypes import POINTER, c_float, c_int, c_int32, c_void_p
 from functools import cache
 
@@ -18,9 +21,14 @@ import torch
 from torch import nn
 
 from .attention import KVCache
+from .errors import MiniGPT2Error
 from .model import GPT, SinusoidalPositions
 
-TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native.c's F32, BF16, INT8
+TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native.h's F32, BF16, INT8
+
+# Each layer's description for native_linear, built on first use: (weight address, struct,
+# what it points into). Not kept on the layer, whose copies and pickles must not carry it.
+_described: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Linear(ctypes.Structure):
@@ -96,11 +104,11 @@ def _float_copy(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
 
 def native_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x) for a few rows in native.c: each weight read once for all rows, in float32."""
-    built = getattr(layer, "_native", None)
+    built = _described.get(layer)
     if built is None or built[0] != layer.weight.data_ptr():  # weights replaced: describe anew
         keep: list[torch.Tensor] = []
         built = (layer.weight.data_ptr(), linear_struct(layer, keep), keep)
-        layer._native = built
+        _described[layer] = built
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.empty(rows.shape[0], built[1].rows)
     _library().mg2_linear(
@@ -197,15 +205,12 @@ class NativeDecoder:
 
     def fits(self, cache: KVCache | None, ids: torch.Tensor) -> bool:
         """Whether this step runs natively: one sequence, one new token, an unpadded float32
-        cache on the CPU."""
-        return (
-            cache is not None
-            and ids.shape == (1, 1)
-            and cache.mask is None
-            and cache.kv.dtype is torch.float32
-            and cache.kv.device.type == "cpu"
-            and cache.kv.is_contiguous()
-        )
+        cache of this model's shape on the CPU."""
+        if cache is None or ids.shape != (1, 1) or cache.mask is not None:
+            return False
+        m, kv = self.model, cache.kv
+        shape = (m.n_layer, 2, 1, m.n_head, kv.shape[4], m.n_embd // m.n_head)
+        return kv.shape == shape and kv.dtype is torch.float32 and kv.is_cpu and kv.is_contiguous()
 
     def _vector(self, t: torch.Tensor | None) -> int | None:
         return _float_copy(t, self._keep)
@@ -214,6 +219,11 @@ class NativeDecoder:
         """Logits (1, vocab) after token, which sits at cache.pos; its key and value are
         stored there and cache.pos moves on by one. The tensor is reused by the next step."""
         room = cache.kv.shape[4]
+        if not (0 <= token < self.model.head.rows and cache.pos < room):
+            raise MiniGPT2Error(
+                f"native step: token {token} (vocabulary {self.model.head.rows}) at position "
+                f"{cache.pos} of a cache of {room}"
+            )
         if self.model.room != room:  # scratch holds a score per cached position
             self._work = torch.empty(
                 _library().mg2_work_floats(self.model.n_embd, room, self.model.threads)
