@@ -7,8 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "minigpt2._native",
-            sources=["src/minigpt2/native.c", "src/minigpt2/native_products.c"],
-            depends=["src/minigpt2/native.h"],
+            sources=["src/minigpt2/native.c"],
+            depends=[f"src/minigpt2/native{part}.h" for part in ("", "_kernels", "_simd")],
             extra_compile_args=["-O3", "-std=c11", "-fopenmp"],
             extra_link_args=["-fopenmp"],
             optional=True,  # a failed build leaves the pure-PyTorch decoder

@@ -10,12 +10,22 @@ from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.attention import KVCache
 from minigpt2.generate import Generator, SamplingConfig
 from minigpt2.inference import layout_for_inference
-from minigpt2.native import NativeDecoder, NativeLinear, native_available
+from minigpt2.native import NativeDecoder, NativeLinear, instruction_set, native_available
 from minigpt2.quantize import Int8Linear, quantize_for_decoding
 
 pytestmark = pytest.mark.skipif(
-    not native_available(), reason="native decoder not built or this CPU lacks AVX-512"
+    not native_available(), reason="native decoder not built, or this CPU has no AVX2"
 )
+
+
+@pytest.fixture(params=["avx512", "avx2"], autouse=True)
+def isa(request):
+    """Every test in each instruction set this CPU has (AVX2's kernels run on AVX-512 CPUs)."""
+    best = instruction_set()
+    if request.param == "avx512" and best != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    yield instruction_set(request.param)
+    instruction_set(None)
 
 
 def odd_model(**overrides) -> GPT:

@@ -1,6 +1,6 @@
-"""The native decoder (native.c and native_products.c, built by pip install where a C compiler
-is present): GPT-2's one-token step in one call, and matrix products with a few rows, on
-x86-64 CPUs with AVX-512.
+"""The native decoder (native.c, built by pip install where a C compiler is present): GPT-2's
+one-token step in one call, and matrix products with a few rows, on x86-64 CPUs with AVX-512
+or AVX2.
 
 Decoding in PyTorch spends a quarter of a gpt2 token outside the matrix-vector products
 (about 250 small operations, each dispatched from Python); the native step runs them all on
@@ -64,6 +64,8 @@ def _library() -> ctypes.CDLL | None:
     lib.mg2_supported.restype = c_int
     if not lib.mg2_supported():
         return None
+    lib.mg2_use_level.restype = c_int
+    lib.mg2_use_level.argtypes = [c_int]
     lib.mg2_work_floats.restype = ctypes.c_long
     lib.mg2_work_floats.argtypes = [c_int, c_int, c_int]
     lib.mg2_step.argtypes = [POINTER(_Model), c_int, c_int, c_void_p]
@@ -72,8 +74,20 @@ def _library() -> ctypes.CDLL | None:
 
 
 def native_available() -> bool:
-    """Whether the native decoder was built and this CPU runs it (x86-64 with AVX-512)."""
+    """Whether the native decoder was built and this CPU runs it (x86-64 with AVX-512 or
+    AVX2)."""
     return _library() is not None
+
+
+def instruction_set(wanted: str | None = None) -> str:
+    """The vector instructions the native kernels run in ("avx512" or "avx2"); wanted picks a
+    lower set than the CPU's (to test or measure it; None: the CPU's best). Process-wide."""
+    levels = {"avx2": 1, "avx512": 2}
+    lib = _library()
+    if lib is None:
+        raise MiniGPT2Error("the native decoder is not built, or this CPU has neither set")
+    level = lib.mg2_use_level(levels[wanted] if wanted else 99)
+    return {v: k for k, v in levels.items()}[level]
 
 
 def linear_struct(layer: nn.Module, keep: list[torch.Tensor]) -> _Linear:
