@@ -4,6 +4,10 @@ side by side, interleaved, same random weights, greedy, batch 1.
     python benchmarks/bench_sample.py [--new-tokens 200] [--prompt-tokens 16] [--repeats 3] \
         [--llama-cpp BIN_DIR --tokenizer PATH/gpt2.tiktoken]
 
+Each repeat runs every engine once per row, who goes first alternating; the ratio to
+llama.cpp is the median of each repeat's back-to-back pair (with their range), which the
+machine's drift moves less than a ratio of medians.
+
 Rows: float32, bfloat16, and 8-bit weights (this project's `--quantize int8` against llama.cpp's
 Q8_0; transformers has no CPU int8 path of its own). llama.cpp runs `llama-bench` (token
 generation only, its prompt is not timed) on GGUF files this project writes (`minigpt2 export
@@ -93,37 +97,49 @@ def main() -> None:
     )
     rates: dict[tuple[str, str], list[float]] = {}
     tokens = {}
+
+    def ours(row: str) -> None:
+        t = time.perf_counter()
+        tokens[("minigpt2", row)] = gens[row].generate([prompt[0].tolist()], cfg)[0]
+        rates.setdefault(("minigpt2", row), []).append(n / (time.perf_counter() - t))
+
+    def theirs(row: str) -> None:
+        if row in hf:
+            t = time.perf_counter()
+            out = hf[row].generate(prompt, do_sample=False, max_new_tokens=n,
+                                   min_new_tokens=n, pad_token_id=50256)  # fmt: skip
+            rates.setdefault(("transformers", row), []).append(n / (time.perf_counter() - t))
+            tokens[("transformers", row)] = out[0, args.prompt_tokens :].tolist()
+        if row in gguf:
+            rate = llama_rate(Path(args.llama_cpp) / "llama-bench", gguf[row], n)
+            rates.setdefault(("llama.cpp", row), []).append(rate)
+
     with torch.inference_mode():
-        for _ in range(args.repeats):  # interleaved: every engine sees the same machine state
-            for row in ROWS:
-                t = time.perf_counter()
-                tokens[("minigpt2", row)] = gens[row].generate([prompt[0].tolist()], cfg)[0]
-                rates.setdefault(("minigpt2", row), []).append(n / (time.perf_counter() - t))
-                if row in hf:
-                    t = time.perf_counter()
-                    out = hf[row].generate(prompt, do_sample=False, max_new_tokens=n,
-                                           min_new_tokens=n, pad_token_id=50256)  # fmt: skip
-                    rates.setdefault(("transformers", row), []).append(
-                        n / (time.perf_counter() - t)
-                    )
-                    tokens[("transformers", row)] = out[0, args.prompt_tokens :].tolist()
-                if row in gguf:
-                    rate = llama_rate(Path(args.llama_cpp) / "llama-bench", gguf[row], n)
-                    rates.setdefault(("llama.cpp", row), []).append(rate)
+        for r in range(args.repeats):  # interleaved: every engine sees the same machine state
+            for row in ROWS:  # who goes first alternates, so that drift favours no one
+                for run in (ours, theirs) if r % 2 == 0 else (theirs, ours):
+                    run(row)
     for row in ROWS:
-        ours = statistics.median(rates[("minigpt2", row)])
-        line = (
-            f"{row:<9} minigpt2 {ours:6.1f} tok/s ({ours * matrices * BYTES[row] / 1e9:4.1f} GB/s)"
-        )
+        mine = rates[("minigpt2", row)]
+        ours_rate = statistics.median(mine)
+        gbs = ours_rate * matrices * BYTES[row] / 1e9
+        line = f"{row:<9} minigpt2 {ours_rate:6.1f} tok/s ({gbs:4.1f} GB/s)"
         if ("transformers", row) in rates:
-            theirs = statistics.median(rates[("transformers", row)])
+            other = statistics.median(rates[("transformers", row)])
             same = tokens[("minigpt2", row)] == tokens[("transformers", row)]
-            line += f" | transformers {theirs:6.1f} ({ours / theirs:.2f}x, same tokens: {same})"
+            line += f" | transformers {other:6.1f} ({ours_rate / other:.2f}x, same tokens: {same})"
         if ("llama.cpp", row) in rates:
-            llama = statistics.median(rates[("llama.cpp", row)])
+            llama = rates[("llama.cpp", row)]
             kind = LLAMA_TYPES[row]
-            gbs = llama * matrices * BYTES["q8_0" if kind == "q8_0" else row] / 1e9
-            line += f" | llama.cpp {kind} {llama:6.1f} ({gbs:4.1f} GB/s): {ours / llama:.2f}x"
+            rate = statistics.median(llama)
+            gbs = rate * matrices * BYTES["q8_0" if kind == "q8_0" else row] / 1e9
+            # each repeat's pair ran back to back: their ratios cancel the machine's drift
+            pairs = sorted(a / b for a, b in zip(mine, llama, strict=True))
+            ratio = statistics.median(pairs)
+            line += (
+                f" | llama.cpp {kind} {rate:6.1f} ({gbs:4.1f} GB/s): {ratio:.2f}x"
+                f" (pairs {pairs[0]:.2f}-{pairs[-1]:.2f})"
+            )
         print(line)
     if ("minigpt2", "int8") in tokens:
         a, b = tokens[("minigpt2", "int8")], tokens[("minigpt2", "bfloat16")]
