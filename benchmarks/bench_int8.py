@@ -22,8 +22,12 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 
 
 def step_nll(gen, tokens: list[int]) -> float:
-    """Mean next-token NLL (nats) of tokens, stepped one token at a time in context windows."""
+    """Mean next-token NLL (nats) of tokens, stepped one token at a time in context windows
+    (natively where the native decoder runs, as sampling does)."""
     from minigpt2.attention import KVCache
+    from minigpt2.native import NativeDecoder
+
+    native = NativeDecoder.for_model(gen.model) if gen.use_native else None
 
     block, total, count = gen.model.config.block_size, 0.0, 0
     for start in range(0, len(tokens) - 1, block):
@@ -31,8 +35,8 @@ def step_nll(gen, tokens: list[int]) -> float:
         cache = KVCache(gen.model.config, 1, block, "cpu", gen.dtype)
         for t, target in zip(window[:-1], window[1:], strict=True):
             ids = torch.tensor([[t]])
-            if gen.native is not None and gen.native.fits(cache, ids):
-                logits = gen.native.step(t, cache)
+            if native is not None and native.fits(cache, ids):
+                logits = native.step(t, cache)
             else:
                 logits = gen.logits(ids, cache)
             total -= torch.log_softmax(logits[0].float(), -1)[target].item()
@@ -67,7 +71,9 @@ def main() -> None:
         else:
             m = layout_for_inference(m.to(getattr(torch, name)), sequences=1)
         gens[name] = Generator(m, vocab_limit=tok.vocab_size)
-    path = "native step" if gens["int8"].native is not None else "PyTorch step"
+    from minigpt2.native import native_available
+
+    path = "native step" if native_available() else "PyTorch step"
     print(f"{args.model}: {len(tokens) - 1} validation tokens stepped one at a time ({path})")
     with torch.inference_mode():
         nll = {name: step_nll(gen, tokens) for name, gen in gens.items()}

@@ -117,9 +117,9 @@ def test_generation_matches_transformers_and_the_pytorch_path(tmp_path):
     )[0, len(prompt) :].tolist()  # fmt: skip
     model = layout_for_inference(GPT.from_pretrained(directory), sequences=1)
     native = Generator(model)
-    assert native.native is not None
     greedy = SamplingConfig(max_new_tokens=n, greedy=True)
     assert native.generate([prompt], greedy)[0][:40] == ref
+    assert native.native is not None
     plain = Generator(model, native=False)
     assert native.generate([prompt], greedy) == plain.generate([prompt], greedy)
     sampled = SamplingConfig(max_new_tokens=n, top_k=50, top_p=0.9, seed=4)
@@ -142,7 +142,7 @@ def test_a_replaced_weight_is_seen():
 def test_laid_out_models_still_copy_and_bad_steps_are_refused():
     model = layout_for_inference(odd_model(), sequences=1)
     gen, cfg = Generator(model), SamplingConfig(max_new_tokens=4, greedy=True)
-    first = gen.generate([[1, 2]], cfg)
+    first = gen.generate([[1, 2]], cfg)  # makes gen.native
     assert Generator(copy.deepcopy(model)).generate([[1, 2]], cfg) == first  # no C pointers copied
     cache = KVCache(model.config, 1, 2, "cpu", torch.float32)
     with pytest.raises(MiniGPT2Error, match="token 99"):

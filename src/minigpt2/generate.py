@@ -113,13 +113,13 @@ class Generator:
         self.vocab = vocab  # padded ids past the tokenizer's are never picked
         self.device, self.dtype = wte.device, wte.dtype
         self.hidden_states = self.model.hidden_states
-        # one-sequence steps in native.c where it runs (native.py); None: all in PyTorch
-        self.native = NativeDecoder.for_model(self.model) if native else None
+        # one-sequence steps in native.c where it runs (native.py), made at the first such call
+        self.use_native, self.native = native, None
 
     def compile(self) -> Generator:
         """torch.compile the model's per-step computation (shapes vary: dynamic)."""
         self.hidden_states = torch.compile(self.model.hidden_states, dynamic=True)
-        self.native = None
+        self.use_native, self.native = False, None
         return self
 
     def logits(self, idx: torch.Tensor, cache: KVCache | None, mask=None) -> torch.Tensor:
@@ -180,8 +180,9 @@ class Generator:
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        if self.native is not None and not self.native.current():  # moved or replaced
-            self.native = NativeDecoder.for_model(self.model)
+        if n == 1 and use_cache and self.use_native:
+            if self.native is None or not self.native.current():  # first, or weights moved
+                self.native = NativeDecoder.for_model(self.model)
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.pos + step_input.shape[1] > block:

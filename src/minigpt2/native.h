@@ -41,7 +41,7 @@ typedef struct {
 
 enum { STORE = 0, ADD = 1, GELU = 2 };  /* what a product does with its rows: y =, y +=, GELU */
 
-typedef struct {
+typedef struct { /* one decode step's arguments, read by every thread */
     const Model *m;
     int token, pos;
     float *logits;

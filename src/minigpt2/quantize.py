@@ -1,11 +1,11 @@
 """Weight-only int8 for decoding: each linear layer (and the head) keeps int8 weights with one
-float scale per output channel; activations are bfloat16. In memory only: checkpoints are
-never quantized.
+float scale per output channel. In memory only: checkpoints are never quantized.
 
 Symmetric per-channel rounding: scale_j = max_k |W_jk| / 127 and q_jk = round(W_jk / scale_j),
-so each weight is off by at most half a step, scale_j / 2. The product runs through
-`torch.ops.aten._weight_int8pack_mm` (int8 weights, bfloat16 activations and scales), which
-reads a quarter of float32's bytes per weight.
+so each weight is off by at most half a step, scale_j / 2. A product reads a quarter of
+float32's bytes per weight: up to 8 rows (decoding) in the native decoder where it runs
+(native.py; float32 activations), more rows (prompts, scoring) through
+`torch.ops.aten._weight_int8pack_mm` (bfloat16 activations and scales).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ SCHEMES = ("int8",)
 class Int8Linear(nn.Module):
     """A frozen linear layer with int8 weights (out, in), bfloat16 scales (out,) and bias."""
 
+    NATIVE_ROWS = NativeLinear.ROWS  # up to this many rows run in the native decoder
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
         w = weight.detach().float()
@@ -32,9 +34,6 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scale.to(torch.bfloat16), persistent=False)
         b = None if bias is None else bias.detach().to(torch.bfloat16)
         self.register_buffer("bias", b, persistent=False)
-
-    # a decode step of up to this many sequences runs in native.c where it runs (native.py)
-    NATIVE_ROWS = NativeLinear.ROWS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[:-1].numel() <= self.NATIVE_ROWS and x.is_cpu and native_available():
