@@ -68,16 +68,23 @@ static inline float F(dot_row)(const void *w, int type, const float *x, int K) {
 /* Dot products of R rows (row_bytes apart) with S inputs (K floats, K apart) into
    out[i * S + j]: a tile of R x S sums in registers, so that each load of weights serves S
    inputs and each load of inputs R rows. */
-static inline void F(tile)(const char *w, size_t row_bytes, int type, const float *x, int K,
-                           const int R, const int S, float *out) {
+__attribute__((always_inline)) static inline void F(tile)(const char *w, size_t row_bytes,
+                                                         int type, const float *x, int K,
+                                                         const int R, const int S, float *out) {
     V acc[16], xv[4];
     for (int a = 0; a < R * S; a++) acc[a] = F(vzero)();
-    for (int k = 0; k < K; k += VW) {
-        const int n = K - k < VW ? K - k : VW;
-        for (int j = 0; j < S; j++) xv[j] = F(vget)(x + (size_t)j * K, k, K);
+    int k = 0;
+    for (; k + VW <= K; k += VW) {  /* whole vectors: no masked loads */
+        for (int j = 0; j < S; j++) xv[j] = F(vload)(x + (size_t)j * K + k);
         for (int i = 0; i < R; i++) {
-            const char *row = w + i * row_bytes;
-            const V wv = n == VW ? F(widen)(row, type, k) : F(widenn)(row, type, k, n);
+            const V wv = F(widen)(w + i * row_bytes, type, k);
+            for (int j = 0; j < S; j++) acc[i * S + j] = F(vfma)(wv, xv[j], acc[i * S + j]);
+        }
+    }
+    if (k < K) {
+        for (int j = 0; j < S; j++) xv[j] = F(vloadn)(x + (size_t)j * K + k, K - k);
+        for (int i = 0; i < R; i++) {
+            const V wv = F(widenn)(w + i * row_bytes, type, k, K - k);
             for (int j = 0; j < S; j++) acc[i * S + j] = F(vfma)(wv, xv[j], acc[i * S + j]);
         }
     }
