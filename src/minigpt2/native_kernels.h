@@ -45,7 +45,8 @@ static void F(gelu)(float *v, int n, int exact) {
 /* Dot product of one weight row (float32, bfloat16 or int8, unscaled) with x, in UNROLL
    sums (bfloat16 in pairs), prefetching AHEAD bytes on; the last columns one vector at a
    time, widened in order. */
-static inline float F(dot_row)(const void *w, int type, const float *x, int K) {
+__attribute__((always_inline)) static inline float F(dot_row)(const void *w, int type,
+                                                            const float *x, int K) {
     const size_t bytes = type == F32 ? 4 : type == BF16 ? 2 : 1;
     const int step = type == BF16 ? 2 * VW : VW;
     V acc[2 * UNROLL];
@@ -98,8 +99,11 @@ static inline void F(rows_times)(const Linear *L, int r, int R, const float *x, 
     const int K = L->cols;
     const size_t row_bytes = (size_t)K * (L->type == F32 ? 4 : L->type == BF16 ? 2 : 1);
     const char *w = (const char *)L->w + r * row_bytes;
-    if (R == 1 && S == 1) out[0] = F(dot_row)(w, L->type, x, K);
-    else if (R == 1 && S == 2) F(tile)(w, row_bytes, L->type, x, K, 1, 2, out);
+    if (R == 1 && S == 1) {  /* a constant type in each: the compiler drops the others */
+        if (L->type == F32) out[0] = F(dot_row)(w, F32, x, K);
+        else if (L->type == BF16) out[0] = F(dot_row)(w, BF16, x, K);
+        else out[0] = F(dot_row)(w, INT8, x, K);
+    } else if (R == 1 && S == 2) F(tile)(w, row_bytes, L->type, x, K, 1, 2, out);
     else if (R == 1 && S == 3) F(tile)(w, row_bytes, L->type, x, K, 1, 3, out);
     else if (R == 1) F(tile)(w, row_bytes, L->type, x, K, 1, 4, out);
     else if (S == 1) F(tile)(w, row_bytes, L->type, x, K, 4, 1, out);
