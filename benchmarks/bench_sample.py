@@ -115,6 +115,10 @@ def main() -> None:
             rates.setdefault(("llama.cpp", row), []).append(rate)
 
     with torch.inference_mode():
+        for row in ROWS:  # warm-up, as llama-bench does its own: first-call set-up is not timed
+            gens[row].generate([prompt[0].tolist()], SamplingConfig(max_new_tokens=8, greedy=True))
+            if row in hf:
+                hf[row].generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=50256)
         for r in range(args.repeats):  # interleaved: every engine sees the same machine state
             for row in ROWS:  # who goes first alternates, so that drift favours no one
                 for run in (ours, theirs) if r % 2 == 0 else (theirs, ours):
