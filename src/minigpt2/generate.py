@@ -183,6 +183,7 @@ class Generator:
         if n == 1 and use_cache and self.use_native:
             if self.native is None or not self.native.current():  # first, or weights moved
                 self.native = NativeDecoder.for_model(self.model)
+                self.use_native = self.native is not None  # a model it cannot read stays so
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.pos + step_input.shape[1] > block:

@@ -211,9 +211,7 @@ class NativeDecoder:
 
     @staticmethod
     def _weights_of(model: GPT) -> list[int]:
-        return [p.data_ptr() for p in model.parameters()] + [
-            b.data_ptr() for b in model.buffers() if b is not None
-        ]
+        return [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
 
     def current(self) -> bool:
         """Whether the model still holds the weights this decoder reads (not moved or
