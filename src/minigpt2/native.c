@@ -20,33 +20,9 @@
    float32 throughout. Built by `pip install` where a C compiler is present; where it is not,
    or the CPU has neither set, mg2_supported() says 0 and minigpt2 decodes in PyTorch. */
 
-#define _DEFAULT_SOURCE  /* madvise under -std=c11 */
 #include <omp.h>
 
 #include "native.h"
-
-#ifdef __linux__
-#include <sys/mman.h>
-#ifndef MADV_COLLAPSE
-#define MADV_COLLAPSE 25  /* Linux 6.1's value; older kernels refuse it, which is harmless */
-#endif
-#endif
-
-/* Ask for the 2 MiB-aligned inside of [p, p + bytes) in huge pages: now where the kernel can
-   collapse them (Linux 6.1+), later where khugepaged gets there. Reading gpt2's float32
-   weights in huge pages: 134-136 against 123-129 tok/s (one process, the same weights
-   without). Best effort: nothing happens where the kernel says no. */
-void mg2_huge_pages(void *p, size_t bytes) {
-#ifdef __linux__
-    const uintptr_t huge = (uintptr_t)2 << 20;
-    const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1);
-    const uintptr_t e = ((uintptr_t)p + bytes) & ~(huge - 1);
-    if (e > a) {
-        madvise((void *)a, e - a, MADV_HUGEPAGE);
-        madvise((void *)a, e - a, MADV_COLLAPSE);
-    }
-#endif
-}
 
 /* Floats of scratch a model needs: x, per-thread LayerNorm outputs and attention scores,
    q/k/v, the attention output and the MLP's hidden layer. */

@@ -66,7 +66,6 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.mg2_use_level.restype = c_int
     lib.mg2_use_level.argtypes = [c_int]
-    lib.mg2_huge_pages.argtypes = [c_void_p, ctypes.c_size_t]
     lib.mg2_work_floats.restype = ctypes.c_long
     lib.mg2_work_floats.argtypes = [c_int, c_int, c_int]
     lib.mg2_step.argtypes = [POINTER(_Model), c_int, c_int, c_void_p]
@@ -192,8 +191,6 @@ class NativeDecoder:
         self._work = torch.empty(0)
         self._source = model
         self._pointers = self._weights_of(model)
-        for w in self._keep:  # what each token reads once: fewer page walks in huge pages
-            _library().mg2_huge_pages(w.data_ptr(), w.numel() * w.element_size())
 
     @classmethod
     def for_model(cls, model: GPT) -> NativeDecoder | None:
