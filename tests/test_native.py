@@ -29,10 +29,11 @@ def isa(request):
 
 
 def odd_model(**overrides) -> GPT:
-    """Widths that are no multiple of 16 (head size 6, 72 columns, 37-row head): every
-    kernel's masked tail runs. Wide init: logits far apart, as real models' are."""
+    """Widths that are no multiple of 8 or 16 (66 columns, head size 11, MLP 264 = 16 x 16 + 8,
+    a 37-row head): every kernel's tails run, in AVX2 and AVX-512. Wide init: logits far
+    apart, as real models' are."""
     torch.manual_seed(0)
-    cfg = dict(n_layer=2, n_head=12, n_embd=72, vocab_size=37, block_size=40)
+    cfg = dict(n_layer=2, n_head=6, n_embd=66, vocab_size=37, block_size=40)
     model = GPT(GPTConfig(**(cfg | overrides)))
     with torch.no_grad():
         for p in model.parameters():
@@ -92,8 +93,8 @@ def test_bfloat16_and_int8_steps_compute_exactly_their_weights_in_float32():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_few_row_products_equal_torch(dtype):
-    layer = torch.nn.Linear(72, 37).to(dtype)
-    x = torch.randn(8, 72).to(dtype)
+    layer = torch.nn.Linear(66, 37).to(dtype)
+    x = torch.randn(8, 66).to(dtype)
     ref = torch.nn.functional.linear(x.float(), layer.weight.float(), layer.bias.float())
     layer.__class__ = NativeLinear
     with torch.inference_mode():
@@ -135,7 +136,7 @@ def test_a_replaced_weight_is_seen():
     gen = Generator(model)
     prompt, cfg = [1, 2, 3], SamplingConfig(max_new_tokens=12, greedy=True)
     gen.generate([prompt], cfg)
-    model.transformer.h[0].ln_1.bias = torch.nn.Parameter(torch.randn(72))  # not in place
+    model.transformer.h[0].ln_1.bias = torch.nn.Parameter(torch.randn(66))  # not in place
     assert gen.generate([prompt], cfg) == Generator(model, native=False).generate([prompt], cfg)
 
 
