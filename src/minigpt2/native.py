@@ -144,11 +144,16 @@ class NativeLinear(nn.Linear):
         return native_linear(self, x)
 
 
+def _reads(model: GPT) -> bool:
+    """Whether native.c runs here and model's weights are of a kind it reads (on the CPU)."""
+    weight = model.transformer.wte.weight
+    return native_available() and weight.device.type == "cpu" and weight.dtype in TYPES
+
+
 def use_native_linears(model: GPT) -> bool:
     """Run the few-row products of model's linear layers (the head too) in native.c, where it
     runs and the weights are float32 or bfloat16 on the CPU; whether it did."""
-    weight = model.transformer.wte.weight
-    if not native_available() or weight.device.type != "cpu" or weight.dtype not in TYPES:
+    if not _reads(model):
         return False
     for module in model.modules():
         if type(module) is nn.Linear:
@@ -196,10 +201,7 @@ class NativeDecoder:
     def for_model(cls, model: GPT) -> NativeDecoder | None:
         """A decoder for model where native.c runs it: CPU weights it reads (not oneDNN's
         packed ones) and no training-time pieces (dropout); otherwise None."""
-        wte = model.transformer.wte.weight
-        if not native_available() or wte.device.type != "cpu" or wte.dtype not in TYPES:
-            return None
-        if model.training:
+        if not _reads(model) or model.training:
             return None
         try:
             return cls(model)

@@ -29,13 +29,12 @@ static inline V F(vexp)(V x) {
 /* GELU of v[0..n): GPT-2's tanh form, x * sigmoid(2u) with u = sqrt(2/pi)(x + 0.044715x^3),
    which is 0.5x(1 + tanh u); or the exact erf form (scalar erff: only nanoGPT-style models). */
 static void F(gelu)(float *v, int n, int exact) {
+    if (exact) {
+        for (int k = 0; k < n; k++) v[k] = 0.5f * v[k] * (1.0f + erff(v[k] * 0.70710678f));
+        return;
+    }
     for (int k = 0; k < n; k += VW) {
         V x = F(vget)(v, k, n);
-        if (exact) {
-            for (int i = 0; i < VW && k + i < n; i++)
-                v[k + i] = 0.5f * v[k + i] * (1.0f + erff(v[k + i] * 0.70710678f));
-            continue;
-        }
         const V u = F(vfma)(x * x * x, F(vset1)(0.044715f), x);
         x = x / (F(vexp)(u * -1.5957691216f) + 1.0f);  /* -2 sqrt(2/pi) */
         k + VW <= n ? F(vstore)(v + k, x) : F(vstoren)(v + k, x, n - k);
