@@ -66,6 +66,8 @@ def make(out: Path, train_words: int, test_words: int, seed: int) -> None:
 
 def score(model_spec: str, data: Path, batch_size: int) -> float:
     """Exact-match accuracy of greedy answers on test.jsonl, per task and overall."""
+    from tqdm import tqdm
+
     from minigpt2.generate import Generator, SamplingConfig
     from minigpt2.loading import load_any, tokenizer_for
     from minigpt2.records import wrap_prompt
@@ -76,6 +78,8 @@ def score(model_spec: str, data: Path, batch_size: int) -> float:
     gen = Generator(model.eval(), vocab_limit=tok.vocab_size)
     cfg = SamplingConfig(max_new_tokens=24, greedy=True, stop_at_eot=True, eot_id=tok.eot_id)
     right: dict[str, list[bool]] = {t: [] for t in TASKS}
+    # about half a minute on 2 cores: a bar, so it is not silent (none when stderr is a log)
+    bar = tqdm(total=len(rows), unit="record", desc="scoring", file=sys.stderr, disable=None)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         prompts = [wrap_prompt("chat", r["messages"][0]["content"]) for r in chunk]
@@ -83,6 +87,8 @@ def score(model_spec: str, data: Path, batch_size: int) -> float:
         for r, ids in zip(chunk, outs, strict=True):
             answer = tok.decode([i for i in ids if i != tok.eot_id])
             right[r["task"]].append(answer == r["messages"][1]["content"])
+        bar.update(len(chunk))
+    bar.close()
     overall = sum(sum(v) for v in right.values()) / len(rows)
     parts = ", ".join(f"{t} {sum(v)}/{len(v)}" for t, v in right.items())
     print(f"{model_spec}: exact match {overall:.1%} of {len(rows)} held-out records ({parts})")

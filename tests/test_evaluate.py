@@ -333,4 +333,4 @@ def test_hellaswag_during_training(tmp_path):
     assert scored[-1]["hellaswag_acc_norm"] == final["acc_norm"]
     with pytest.raises(MiniGPT2Error, match="label 7 is out of range"):
         write_jsonl(path, [{"ctx": "a", "endings": ["b"], "label": 7}])
-        train_main(args)
+        train_main([*args, "--overwrite=true"])

@@ -210,3 +210,60 @@ def test_export_command_writes_gguf_from_a_released_directory(tmp_path, export, 
     assert "wrote" in capsys.readouterr().out
     _, reader, _ = read_gguf(tmp_path / "m.gguf")
     assert reader.fields["general.file_type"].contents() == 7
+
+
+def test_export_refuses_an_existing_directory_and_replaces_it_whole(tmp_path, capsys):
+    from minigpt2.cli import main
+
+    source = tmp_path / "source"
+    wide_model(vocab_size=257).save_pretrained(source)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    old = {"model.safetensors": b"x" * 1000, "vocab.json": b"{}", "merges.txt": b"#"}
+    for name, data in old.items():
+        (dest / name).write_bytes(data)
+    assert main(["export", str(source), str(dest), "--no-tokenizer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: {dest} already exists; pass --overwrite to replace it whole, "
+        "or choose another destination"
+    ]
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == old  # untouched
+    assert main(["export", str(source), str(dest), "--no-tokenizer", "--overwrite"]) == 0
+    # the old tokenizer files do not survive beside weights they do not belong to
+    assert sorted(p.name for p in dest.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert GPT.from_pretrained(dest).num_params() == wide_model(vocab_size=257).num_params()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no leftovers
+    empty = tmp_path / "empty"
+    empty.mkdir()  # an empty directory holds nothing to lose
+    assert main(["export", str(source), str(empty), "--no-tokenizer"]) == 0
+
+
+@needs_bpe
+def test_export_refuses_an_existing_gguf(tmp_path, export, capsys):
+    pytest.importorskip("gguf")
+    from minigpt2.cli import main
+
+    _, out = export
+    dest = tmp_path / "m.gguf"
+    dest.write_bytes(b"an earlier model")
+    args = ["export", str(out), str(dest), "--tokenizer", str(GPT2_TIKTOKEN)]
+    assert main(args) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+    assert dest.read_bytes() == b"an earlier model"
+    assert main([*args, "--overwrite"]) == 0
+    assert read_gguf(dest)[1].fields["general.architecture"].contents() == "gpt2"
+
+
+def test_export_to_an_unwritable_place_is_one_line(tmp_path, capsys):
+    from minigpt2.cli import main
+
+    source = tmp_path / "source"
+    wide_model(vocab_size=257).save_pretrained(source)
+    assert main(["export", str(source), "/proc/minigpt2-nope/dest", "--no-tokenizer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write /proc/minigpt2-nope/dest" in err[0], err

@@ -43,6 +43,7 @@ def settings(tmp_path, **overrides) -> list[str]:
         sample_tokens=0,
         progress=False,
         device="cpu",
+        threads=1,  # fixed: runs compared bit for bit must not depend on how busy the machine is
         dropout=0.1,
         model="",
     )

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from .errors import MiniGPT2Error
 
@@ -89,9 +90,11 @@ def write_atomic(path: Path, write) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # safetensors reports a full disk its own way
+        reason = getattr(e, "strerror", None) or str(e)
         raise MiniGPT2Error(
-            f"could not write {path} ({e.strerror or e}); the previous file there is intact"
+            f"could not write {path} ({reason}); the previous file there is intact: make room "
+            "there, or write elsewhere"
         ) from None
     finally:
         if os.path.exists(tmp):

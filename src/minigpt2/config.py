@@ -20,6 +20,7 @@ class TrainConfig:
 
     # run
     out_dir: str = "out"  # checkpoints, config.toml, metrics.jsonl and loss.png go here
+    overwrite: bool = False  # a fresh run may replace the run already in out_dir
     init_from: str = "scratch"  # scratch | resume | a released model: gpt2, gpt2-medium, a dir
     eval_only: bool = False  # evaluate the starting model's loss and perplexity, then exit
     seed: int = 1337  # model init, data order and dropout all follow from it
@@ -27,6 +28,7 @@ class TrainConfig:
     data: str = "stdlib"  # text file, directory, glob, stdlib, hf:NAME[:CONFIG], prepared dir
     tokenizer: str = "byte"  # byte | gpt2 | path/to/gpt2.tiktoken
     data_cache: str = ""  # where prepared corpora are cached ("" = ~/.cache/minigpt2/data)
+    decode_errors: str = "strict"  # strict | replace: invalid UTF-8 is an error, or U+FFFD
     val_fraction: float = 0.1  # last fraction of the tokens held out for validation
     hf_split: str = "train"  # split of an hf: dataset
     text_column: str = "text"  # text column of an hf: dataset
@@ -83,7 +85,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "float32"  # float32 | bfloat16 | float16 (autocast; fp16 uses a grad scaler)
     compile: bool = False  # torch.compile the model
-    threads: int = 0  # CPU threads for torch (0 = torch's default)
+    threads: int = 0  # CPU threads for torch (0 = one per core idle at the start)
     fsdp: bool = False  # under torchrun: shard parameters with FSDP instead of DDP
     tf32: bool = True  # CUDA: float32 matmuls in TensorFloat-32 (A100 and later; not on CPU)
     dist_timeout: float = 300.0  # seconds a collective may wait before the run is stopped
@@ -99,6 +101,7 @@ class TrainConfig:
             "pos_embedding": POS_EMBEDDINGS,
             "data_format": DATA_FORMATS,
             "base_dtype": ("float32", "bfloat16"),
+            "decode_errors": ("strict", "replace"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -118,7 +121,15 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must be at least 1")
-        keys = ("max_iters", "warmup_iters", "lr_decay_iters", "n_layer", "n_head", "n_embd")
+        keys = (
+            "max_iters",
+            "warmup_iters",
+            "lr_decay_iters",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "threads",
+        )
         for key in (*keys, "hellaswag_examples"):
             if getattr(self, key) < 0:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
@@ -138,6 +149,8 @@ class TrainConfig:
                     "LoRA adapts a trained model: set init_from to a released model, a "
                     "directory or a checkpoint (or lora_r=0 to train from scratch)"
                 )
+        if self.learning_rate <= 0:
+            raise MiniGPT2Error(f"learning_rate={self.learning_rate} must be above 0")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise MiniGPT2Error(f"min_lr={self.min_lr} must be between 0 and learning_rate")
         return self
@@ -149,8 +162,10 @@ class TrainConfig:
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
 
-    def to_toml(self) -> str:
-        """The resolved config as TOML, to save beside the checkpoints."""
+    def to_toml(self, comments: bool = False) -> str:
+        """The resolved config as TOML, to save beside the checkpoints; with comments, each key
+        followed by what it does (the comment on its line above, for --help)."""
+        notes = _field_comments() if comments else {}
         lines = []
         for f in fields(self):
             value = getattr(self, f.name)
@@ -160,8 +175,22 @@ class TrainConfig:
                 text = '"' + value.encode("unicode_escape").decode().replace('"', '\\"') + '"'
             else:
                 text = repr(value)
-            lines.append(f"{f.name} = {text}")
+            line = f"{f.name} = {text}"
+            lines.append(f"{line:<32} # {notes[f.name]}" if notes.get(f.name) else line)
         return "\n".join(lines) + "\n"
+
+
+def _field_comments() -> dict[str, str]:
+    """Each TrainConfig key's comment in this file: what the key does, written once."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(TrainConfig)
+    except OSError:  # no source shipped (a zipped install): keys and defaults alone
+        return {}
+    found = re.findall(r"^    (\w+): \w+ = .*?  # (.*)$", source, flags=re.MULTILINE)
+    return dict(found)
 
 
 _TYPES = {f.name: f.type for f in fields(TrainConfig)}
@@ -215,6 +244,41 @@ def from_settings(base: dict, settings: dict) -> TrainConfig:
     values: dict = {}
     _apply(values, {k: v for k, v in base.items() if k in _TYPES}, "saved config")
     return TrainConfig(**{**values, **settings}).check()
+
+
+# What a checkpoint fixes: the model's shape and adapters. A resumed run trains the saved model,
+# so a different value given at resume is refused rather than recorded for a model that is not.
+FIXED_AT_RESUME = (
+    "model",
+    "n_layer",
+    "n_head",
+    "n_embd",
+    "block_size",
+    "bias",
+    "vocab_multiple",
+    "pos_embedding",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_targets",
+    "base_dtype",
+)
+
+
+def resume_config(saved: dict, settings: dict, out_dir: str) -> TrainConfig:
+    """The config of a resumed run: the saved one (a checkpoint's) with settings given now on
+    top; a setting of FIXED_AT_RESUME that differs from the saved value is an error."""
+    was = from_settings(saved, {})
+    changed = [k for k in FIXED_AT_RESUME if k in settings and settings[k] != getattr(was, k)]
+    if changed:
+        given = ", ".join(f"{k}={settings[k]!r}" for k in changed)
+        kept = ", ".join(f"{k}={getattr(was, k)!r}" for k in changed)
+        raise MiniGPT2Error(
+            f"{given} cannot change at resume: the checkpoint in {out_dir} has {kept}; drop "
+            f"{'it' if len(changed) == 1 else 'them'}, or start a new run (another --out_dir, "
+            "or --overwrite=true without --init_from=resume)"
+        )
+    return from_settings(saved, {**settings, "init_from": "resume"})
 
 
 def read_settings(argv: list[str], default_file: str | None = None) -> tuple[dict, dict]:

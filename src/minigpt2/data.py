@@ -378,7 +378,7 @@ def prepare(
             unit="char",
             unit_scale=True,
             desc="tokenizing",
-            disable=not progress,
+            disable=None if progress else True,  # None: off when stderr is no terminal (a log)
             file=sys.stderr,
         )
         with bar:  # closed before any error is printed, so the error gets a line of its own

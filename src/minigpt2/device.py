@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 
 import torch
@@ -78,6 +79,45 @@ def resolve_device(name: str = "auto") -> torch.device:
     elif device.type not in ("cpu", "cuda", "mps"):
         raise MiniGPT2Error(f"unsupported device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def idle_cores(window: float = 0.1) -> float | None:
+    """How many cores other processes left idle over the next `window` seconds, from the
+    kernel's CPU time counters (Linux); None where there are none to read."""
+
+    def times() -> tuple[int, int, int]:
+        with open("/proc/stat") as f:
+            lines = f.read().splitlines()
+        cores = sum(1 for ln in lines if ln.startswith("cpu") and ln[3:4].isdigit())
+        fields = [int(x) for x in lines[0].split()[1:]]  # "cpu": user nice system idle iowait
+        return cores, fields[3] + fields[4], sum(fields[:8])
+
+    try:
+        cores, idle0, total0 = times()
+        time.sleep(window)
+        _, idle1, total1 = times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return cores * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def set_threads(count: int = 0) -> int:
+    """Set torch's CPU threads to count; 0 means one per core that is idle now (at least one,
+    at most torch's default, which OMP_NUM_THREADS sets). Returns the number set.
+
+    Why not simply one per core: torch's threads wait for each other at every operation, so
+    when another busy process takes a core, the thread sharing it holds all the others up. On
+    2 cores beside one busy process, 2 threads trained the quickstart 1.9x slower than 1 thread,
+    while on a quiet machine they are 1.6x faster (BENCHMARKS.md, "CPU threads")."""
+    if count < 0:
+        raise MiniGPT2Error(f"threads={count} must be 0 (one per idle core) or more")
+    if count == 0:
+        count = torch.get_num_threads()
+        idle = None if "OMP_NUM_THREADS" in os.environ else idle_cores()
+        if idle is not None:
+            count = max(1, min(count, round(idle)))
+    torch.set_num_threads(count)
+    return count
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

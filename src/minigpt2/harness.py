@@ -63,7 +63,8 @@ class MiniGPT2LM(TemplateLM):
             model, header = copy.deepcopy(pretrained), None
         else:
             model, header = load_any(str(pretrained), checkpoint)
-        self.tok = tokenizer_for(header, tokenizer)
+        source = None if isinstance(pretrained, GPT) else str(pretrained)
+        self.tok = tokenizer_for(header, tokenizer, source, model.config.vocab_size)
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             # the harness asks for cuda:0 when no device is given; its hf model falls back too
             print(f"note: {device} is not available here; running on the CPU", file=sys.stderr)
@@ -186,7 +187,31 @@ class MiniGPT2LM(TemplateLM):
         return any(s and s in text for s in until)
 
 
+def _unreachable(error: BaseException | None) -> bool:
+    """Whether error (or one it came from) is the Hub out of reach: offline, or blocked."""
+    hub = ("huggingface_hub", "requests", "urllib3", "httpx", "httpcore")
+    while error is not None:
+        module = type(error).__module__.split(".")[0]
+        if isinstance(error, (ConnectionError, TimeoutError)) or module in hub:
+            return True
+        if type(error).__name__ in ("DatasetNotFoundError", "OfflineModeIsEnabled"):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def run_harness_cli(argv: list[str]) -> None:
-    """lm-eval's own command line, with argv, and the minigpt2 model registered."""
+    """lm-eval's own command line, with argv, and the minigpt2 model registered. A task whose
+    data cannot be fetched is one line saying how to run a local task instead."""
     sys.argv = ["minigpt2 lm-eval", *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except Exception as e:
+        if not _unreachable(e):
+            raise
+        raise MiniGPT2Error(
+            f"lm-eval could not fetch the task's data from the Hugging Face Hub ({e}); without "
+            "internet, run a local task: --include_path DIR --tasks NAME, with a task YAML in "
+            "DIR whose dataset_path reads local files (e.g. dataset_path: json, dataset_kwargs: "
+            "{data_files: ...})"
+        ) from None

@@ -58,12 +58,32 @@ def load_any(spec: str, which: str = "best", **overrides):
     return load_pretrained(spec, dropout=overrides.get("dropout", 0.0)), None
 
 
-def tokenizer_for(header: dict | None, override: str | None = None):
-    """The tokenizer a checkpoint was trained with (or override; gpt2 for released weights)."""
+def tokenizer_for(
+    header: dict | None,
+    override: str | None = None,
+    source: str | None = None,
+    vocab_size: int | None = None,
+):
+    """The tokenizer of a model: override, else the one its checkpoint was trained with, else
+    the files its directory ships (read offline), else gpt2 (released weights). source: what
+    --model named; vocab_size: the model's, which the tokenizer must cover."""
     from .tokenizer import get_tokenizer
+    from .tokenizer_files import read_tokenizer_files
 
-    if override or header is None:
-        return get_tokenizer(override or "gpt2")
+    if override:
+        tokenizer = get_tokenizer(override)
+        _check_fits(tokenizer, header, vocab_size)
+        return tokenizer
+    if header is None:
+        shipped = None
+        if source is not None and Path(source).expanduser().is_dir():
+            shipped = read_tokenizer_files(Path(source).expanduser())
+        if shipped is None and vocab_size is not None and vocab_size < 50257:
+            raise MiniGPT2Error(
+                f"{source} has a {vocab_size}-token vocabulary, not GPT-2's, and no tokenizer "
+                "files; name its tokenizer with --tokenizer (byte?)"
+            )
+        return shipped or get_tokenizer("gpt2")
     saved = header.get("tokenizer_spec", header["tokenizer"])
     usable = saved in ("byte", "gpt2") or Path(saved).is_file()
     tokenizer = get_tokenizer(saved if usable else header["tokenizer"])
@@ -73,3 +93,19 @@ def tokenizer_for(header: dict | None, override: str | None = None):
             "; pass it with --tokenizer"
         )
     return tokenizer
+
+
+def _check_fits(tokenizer, header: dict | None, vocab_size: int | None) -> None:
+    """Refuse a tokenizer given by hand that is not the model's: another one than its
+    checkpoint names, or one far smaller than its vocabulary (whose ids would print garbage)."""
+    if header is not None and tokenizer.fingerprint != header["tokenizer_hash"]:
+        raise MiniGPT2Error(
+            f"--tokenizer {tokenizer.name} is not the tokenizer the model was trained with "
+            f"({header['tokenizer']!r}); drop --tokenizer, or pass that one"
+        )
+    # a vocabulary may be padded up to a multiple of 64 (vocab_multiple, nanoGPT's 50304)
+    if vocab_size is not None and vocab_size > -(-tokenizer.vocab_size // 64) * 64:
+        raise MiniGPT2Error(
+            f"--tokenizer {tokenizer.name} has {tokenizer.vocab_size:,} ids and the model "
+            f"{vocab_size:,}: it is not the model's tokenizer; pass the one it was trained with"
+        )

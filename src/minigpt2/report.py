@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from .checkpoint import write_atomic
 from .device import peak_flops
 
@@ -48,10 +50,13 @@ class Reporter:
         write_atomic(out / "config.toml", lambda tmp: Path(tmp).write_text(cfg.to_toml()))
         self.metrics_path = out / METRICS
         _trim_metrics(self.metrics_path, trainer.iter)
+        # A bar redraws itself with carriage returns: in a log file (torchrun, a batch job)
+        # that is megabytes of frames, so there a plain line every log_interval steps instead.
+        self.plain = cfg.progress and not sys.stderr.isatty()
         self.bar = tqdm(
             total=cfg.max_iters,
             initial=trainer.iter,
-            disable=not cfg.progress,
+            disable=not cfg.progress or self.plain,
             file=sys.stderr,
             dynamic_ncols=True,
             desc="train",
@@ -59,8 +64,10 @@ class Reporter:
         total = trainer.model.num_params()
         trained = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         share = f" ({trained:,} trained: {trained / total:.2%})" if trained < total else ""
+        cpu = torch.device(trainer.device).type == "cpu"
+        threads = f" ({torch.get_num_threads()} threads)" if cpu else ""
         self.say(
-            f"model: {total:,} parameters{share}, {trainer.device}, "
+            f"model: {total:,} parameters{share}, {trainer.device}{threads}, "
             f"{cfg.dtype}; global batch {trainer.global_batch} x {trainer.block_size} "
             f"tokens ({trainer.dist.world_size} process(es))"
         )
@@ -99,7 +106,12 @@ class Reporter:
                 row |= {k: v for k, v in evals.items() if k.startswith(("hellaswag", "eval_s"))}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            if self.bar is not None:
+            if self.plain:
+                self.say(
+                    f"step {it}/{self.t.cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
+                    f"{tps:,.0f} tok/s" + (f", mfu {mfu:.1%}" if mfu is not None else "")
+                )
+            elif self.bar is not None:
                 self.bar.set_postfix(
                     loss=f"{loss:.4f}",
                     lr=f"{lr:.2e}",
@@ -128,12 +140,18 @@ class Reporter:
                 f"--out_dir={self.t.out_dir}"
             )
             return
-        plot_losses(self.metrics_path, Path(self.t.cfg.out_dir) / "loss.png")
-        if self.t.cfg.sample_tokens > 0 and self.t.fsdp:
-            self.say(f"(sharded model: sample with python sample.py --model {self.t.out_dir})")
-        elif self.t.cfg.sample_tokens > 0:
+        if not plot_losses(self.metrics_path, self.t.out_dir / "loss.png"):
+            self.say("(no loss.png: drawing it needs matplotlib, pip install matplotlib)")
+        if self.t.cfg.sample_tokens > 0 and not self.t.fsdp:
             self.say("sample from the trained model:")
             print(sample_text(self.t), flush=True)
+        out = self.t.out_dir
+        self.say(
+            f"the model is in {out} (best.safetensors; ckpt.safetensors to resume). Next:\n"
+            f'  minigpt2 sample --model {out} --prompt "..."\n'
+            f"  minigpt2 train --init_from=resume --out_dir={out} --max_iters=N  (train on)\n"
+            f"  minigpt2 export {out} DIR  (transformers' layout; DIR.gguf for llama.cpp)"
+        )
 
 
 def plot_losses(metrics: Path, out: Path) -> bool:

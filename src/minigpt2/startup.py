@@ -58,7 +58,9 @@ def start_model(
                 f"the run in {cfg.out_dir} was trained with tokenizer "
                 f"{header['tokenizer']!r}, not {tokenizer.name!r}"
             )
-        config = GPTConfig.from_dict(header["model_config"])
+        # the shape is the checkpoint's; dropout and attention kernel are the run's to choose
+        runtime = {"dropout": cfg.dropout, "attn_impl": cfg.attn_impl}
+        config = GPTConfig.from_dict({**header["model_config"], **runtime})
         if cfg.fsdp:
             model = sharded_model(config, device, dtype)
             fill_shards(model, rows_of_checkpoint(resume))
@@ -139,6 +141,7 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
             tokenizer,
             cache_dir=cfg.data_cache or None,
             val_fraction=cfg.val_fraction,
+            decode_errors=cfg.decode_errors,
             hf_split=cfg.hf_split,
             text_column=cfg.text_column,
             progress=progress,

@@ -109,9 +109,7 @@ class TiktokenGPT2(Tokenizer):
 
 def _gpt2_from_file(path: Path) -> TiktokenGPT2:
     """GPT-2's encoding from a local .tiktoken file, after checking its hash."""
-    import tiktoken
     from tiktoken.load import load_tiktoken_bpe
-    from tiktoken_ext.openai_public import r50k_pat_str
 
     if not path.is_file():
         raise MiniGPT2Error(f"tokenizer file {path} does not exist; {HOW_TO_PROVIDE}")
@@ -121,14 +119,37 @@ def _gpt2_from_file(path: Path) -> TiktokenGPT2:
             f"{path} is not GPT-2's BPE file (sha256 {digest[:12]}..., expected "
             f"{GPT2_TIKTOKEN_SHA256[:12]}...); {HOW_TO_PROVIDE}"
         )
+    return _gpt2_encoding(load_tiktoken_bpe(str(path)))
+
+
+def _gpt2_encoding(ranks: dict[bytes, int]) -> TiktokenGPT2:
+    """GPT-2's tokenizer over its ranks (bytes -> id, end-of-text excluded), checked already."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
     encoding = tiktoken.Encoding(
         name="gpt2",
         pat_str=r50k_pat_str,
-        mergeable_ranks=load_tiktoken_bpe(str(path)),
+        mergeable_ranks=ranks,
         special_tokens={"<|endoftext|>": GPT2_EOT},
         explicit_n_vocab=TiktokenGPT2.vocab_size,
     )
     return TiktokenGPT2(encoding)
+
+
+def gpt2_from_ranks(ranks: dict[bytes, int], source: str) -> TiktokenGPT2:
+    """GPT-2's tokenizer from ranks read elsewhere (a model directory's vocab.json), refused
+    unless they are GPT-2's: written out in tiktoken's format they must hash as its file."""
+    import base64
+
+    ordered = sorted(ranks.items(), key=lambda item: item[1])
+    text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ordered)
+    if hashlib.sha256(text.encode()).hexdigest() != GPT2_TIKTOKEN_SHA256:
+        raise MiniGPT2Error(
+            f"{source} holds a vocabulary that is not GPT-2's; pass its tokenizer with "
+            "--tokenizer (byte, gpt2 or path/to/gpt2.tiktoken)"
+        )
+    return _gpt2_encoding(ranks)
 
 
 def _gpt2_default() -> TiktokenGPT2:

@@ -13,7 +13,8 @@ import json
 from functools import cache
 from pathlib import Path
 
-from .tokenizer import GPT2_EOT, ByteTokenizer, TiktokenGPT2, Tokenizer
+from .errors import MiniGPT2Error
+from .tokenizer import GPT2_EOT, ByteTokenizer, TiktokenGPT2, Tokenizer, gpt2_from_ranks
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
@@ -163,3 +164,43 @@ def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> l
     for name, text in files.items():
         write_atomic(out / name, lambda p, t=text: Path(p).write_text(t + "\n", encoding="utf-8"))
     return sorted(files)
+
+
+def _read_vocab(directory: Path) -> tuple[dict[str, int], str] | None:
+    """(token spelling -> id, the file it came from): vocab.json, else tokenizer.json's BPE."""
+    for name in ("vocab.json", "tokenizer.json"):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            vocab = data if name == "vocab.json" else data["model"]["vocab"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise MiniGPT2Error(f"cannot read {path} ({e}); pass --tokenizer") from None
+        if isinstance(vocab, dict):
+            return vocab, str(path)
+    return None
+
+
+def read_tokenizer_files(directory: Path) -> Tokenizer | None:
+    """The tokenizer a model directory ships (vocab.json + merges.txt, or tokenizer.json), read
+    offline: GPT-2's BPE (its vocabulary checked against GPT-2's) or bytes; None without
+    such files. merges.txt is not needed: GPT-2's merge order is its vocabulary's id order."""
+    found = _read_vocab(Path(directory))
+    if found is None:
+        return None
+    vocab, source = found
+    code = {ch: b for b, ch in enumerate(byte_chars())}
+    try:
+        ranks = {
+            bytes(code[ch] for ch in spelling): rank
+            for spelling, rank in vocab.items()
+            if spelling != EOT_TEXT
+        }
+    except KeyError:
+        raise MiniGPT2Error(
+            f"{source} is not a byte-level BPE vocabulary; pass --tokenizer"
+        ) from None
+    if ranks == {bytes([b]): b for b in range(256)} and vocab.get(EOT_TEXT) == 256:
+        return ByteTokenizer()
+    return gpt2_from_ranks(ranks, source)

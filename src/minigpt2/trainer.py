@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .batches import Batch, Batches, RecordBatches
 from .config import TrainConfig
-from .device import autocast, resolve_device, resolve_dtype, use_tf32
+from .device import autocast, resolve_device, resolve_dtype, set_threads, use_tf32
 from .distributed import (
     all_gathered,
     in_turns,
@@ -29,6 +29,7 @@ from .distributed import (
 )
 from .errors import MiniGPT2Error
 from .optim import build_optimizer, lr_at
+from .rundir import RunLock, check_fresh, clear_run
 from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
 from .startup import open_data, start_model
 from .tokenizer import get_tokenizer
@@ -63,10 +64,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         """Set up the run cfg describes; with init_from = "resume", from out_dir's checkpoint."""
         self.cfg = cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
         device = resolve_device(cfg.device)
         self.dist, self.device = init_distributed(device, cfg.dist_timeout)
+        self.lock: RunLock | None = None
+        if not cfg.eval_only:  # refused before the data and model take their time; run()
+            self._claim_out_dir()  # takes out_dir for good: until then, nothing is written
+            self.close()
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         use_tf32(self.device, cfg.tf32)
         self.tokenizer = get_tokenizer(cfg.tokenizer)
@@ -88,6 +92,30 @@ class Trainer:
             resume = ckpt.CheckpointFile(Path(cfg.out_dir) / ckpt.LATEST)
         with resume or contextlib.nullcontext():
             self._set_up(data, resume)
+
+    def _claim_out_dir(self) -> None:
+        """Rank 0 takes out_dir's lock and makes sure a fresh run replaces no run there unless
+        told to (overwrite); every rank hears the outcome, so all stop together."""
+        held, error = None, None
+        if self.dist.is_main:
+            try:
+                held = RunLock(Path(self.cfg.out_dir)).acquire()
+                if self.cfg.init_from != "resume":
+                    check_fresh(Path(self.cfg.out_dir), self.cfg.overwrite)
+            except MiniGPT2Error as e:
+                if held is not None:
+                    held.release()
+                held, error = None, str(e)
+        error = all_gathered(error, self.dist)[0]
+        if error:
+            raise MiniGPT2Error(error)
+        self.lock = held
+
+    def close(self) -> None:
+        """Give out_dir up (run() does at its end)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def _set_up(self, data, resume: ckpt.CheckpointFile | None) -> None:
         """Model, samplers and optimizer; with resume, their state as it was saved."""
@@ -304,6 +332,9 @@ class Trainer:
             if self.cfg.eval_only:
                 clean = True
                 return {"eval_only": True, **self._evaluation()}
+            self._claim_out_dir()
+            if self.lock is not None and self.cfg.overwrite and self.cfg.init_from != "resume":
+                clear_run(self.lock.out_dir)  # the model was read already: it may come from there
             reporter = Reporter(self)
             with Interrupted() as interrupted:
                 try:
@@ -320,6 +351,7 @@ class Trainer:
             clean = True
             return summary
         finally:
+            self.close()
             shutdown(self.dist, wait_for_all=clean)
 
     def _evaluation(self) -> dict:

@@ -27,7 +27,8 @@ def parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="perplexity: a file, directory, glob, stdlib, hf:NAME or prepared directory; "
-        f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF})",
+        f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF})"
+        "%(default).0s",  # names the default itself: argparse would add "(default: None)"
     )
     p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -43,17 +44,30 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
     p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: one per core idle at the start)",
+    )
+    p.add_argument(
+        "--decode-errors",
+        default="strict",
+        choices=("strict", "replace"),
+        help="invalid UTF-8 in the text: an error, or replacement characters",
+    )
     return p
 
 
 def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
-    from ..device import resolve_device, resolve_dtype
+    from ..device import resolve_device, resolve_dtype, set_threads
     from ..inference import layout_for_inference
     from ..loading import load_any, tokenizer_for
     from ..quantize import check_scheme, quantize_for_decoding
 
     args = parser().parse_args(argv)
+    set_threads(args.threads)
     if args.task not in TASKS:
         raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     if args.split not in ("all", "val"):
@@ -69,7 +83,7 @@ def eval_main(argv: list[str]) -> int:
     if args.quantize:
         check_scheme(args.quantize)
     model, header = load_any(args.model, args.checkpoint)
-    tok = tokenizer_for(header, args.tokenizer)
+    tok = tokenizer_for(header, args.tokenizer, args.model, model.config.vocab_size)
     model.to(device=device, dtype=dtype).eval()
     if args.quantize:
         model = quantize_for_decoding(model, args.quantize)
@@ -93,7 +107,10 @@ def _shown(value) -> str:
 def _bar(total: int, unit: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc="scoring")
+    # disable=None: no bar when stderr is no terminal (a log file would fill with redraws)
+    return tqdm(
+        total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc="scoring", disable=None
+    )
 
 
 def _perplexity(model, tok, args) -> dict:
@@ -109,6 +126,7 @@ def _perplexity(model, tok, args) -> dict:
         cache_dir=args.data_cache,
         hf_split=args.hf_split,
         text_column=args.text_column,
+        decode_errors=args.decode_errors,
         progress=True,
     )
     parts = [data.val] if args.split == "val" else [data.train, data.val]

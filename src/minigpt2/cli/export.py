@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import MiniGPT2Error
 
@@ -36,6 +37,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--outtype", default=None, help="GGUF only: f32, f16, bf16 or q8_0 (None: f32)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing DEST whole (without it, an existing DEST is refused)",
+    )
+    p.add_argument(
         "--adapter-only",
         action="store_true",
         help="a LoRA run: write its adapters in PEFT's format instead of the merged model",
@@ -49,20 +55,17 @@ def _tokenizer(model, header, args):
 
     if args.no_tokenizer:
         return None
-    if header is None and args.tokenizer is None and model.config.vocab_size < 50257:
-        raise MiniGPT2Error(
-            f"{args.source} has a {model.config.vocab_size}-token vocabulary, not GPT-2's; "
-            "name its tokenizer with --tokenizer (byte?) or pass --no-tokenizer"
-        )
-    return tokenizer_for(header, args.tokenizer)
+    return tokenizer_for(header, args.tokenizer, args.source, model.config.vocab_size)
 
 
 def export_main(argv: list[str]) -> int:
     """Export SOURCE to DEST; everything is checked before anything is written."""
+    from ..destination import check_destination
     from ..loading import load_any
 
     args = parser().parse_args(argv)
     gguf = args.dest.endswith(".gguf")
+    check_destination(Path(args.dest), args.overwrite, directory=not gguf)
     if args.adapter_only:
         return _export_adapters(args, gguf)
     if args.outtype is not None and not gguf:
@@ -87,9 +90,10 @@ def export_main(argv: list[str]) -> int:
         write_gguf(model, args.dest, tokenizer, outtype)
         print(f"wrote {args.dest} ({outtype}, {model.num_params():,} parameters)")
         return 0
+    from ..destination import replace_dir
     from ..pretrained import save_pretrained
 
-    written = save_pretrained(model, args.dest, tokenizer)
+    written = replace_dir(Path(args.dest), lambda new: save_pretrained(model, new, tokenizer))
     print(f"wrote {args.dest}: {', '.join(written)} ({model.num_params():,} parameters)")
     if tokenizer is None:
         print("the export carries no tokenizer (--no-tokenizer)", file=sys.stderr)
@@ -114,6 +118,10 @@ def _export_adapters(args, gguf: bool) -> int:
             f"--adapter-only exports a LoRA run's adapters and {args.source} has none; "
             "drop --adapter-only to export the whole model"
         )
-    written = save_peft_adapter(tensors, header["lora"], args.dest)
+    from ..destination import replace_dir
+
+    written = replace_dir(
+        Path(args.dest), lambda new: save_peft_adapter(tensors, header["lora"], new)
+    )
     print(f"wrote {args.dest}: {', '.join(written)} (base: {header['lora']['base']})")
     return 0

@@ -63,6 +63,12 @@ def parser() -> argparse.ArgumentParser:
         help="int8: weight-only int8 (per output channel) with bfloat16 activations, in memory",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads for torch (0: one per core idle at the start)",
+    )
     return p
 
 
@@ -93,23 +99,24 @@ def _prompt_ids(tok, text: str, block: int) -> list[int]:
 
 def sample_main(argv: list[str]) -> int:
     """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
-    from ..device import resolve_device, resolve_dtype
+    from ..device import resolve_device, resolve_dtype, set_threads
     from ..generate import GenerationStats, Generator, SamplingConfig
     from ..inference import layout_for_inference
     from ..records import RECORD_FORMATS, read_prompts, wrap_prompt
 
     args = parser().parse_args(argv)
+    set_threads(args.threads)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
+    for name in ("num_samples", "batch_size", "max_new_tokens", "max_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.quantize:
         from ..quantize import check_scheme, quantize_for_decoding
 
         check_scheme(args.quantize)
     model, header = load_any(args.model, args.checkpoint)
-    tok = tokenizer_for(header, args.tokenizer)
+    tok = tokenizer_for(header, args.tokenizer, args.model, model.config.vocab_size)
     if args.batch_file and (args.prompt or args.prompt_file):
         raise MiniGPT2Error(
             "give prompts with --batch-file or with --prompt/--prompt-file, not both"
@@ -127,7 +134,7 @@ def sample_main(argv: list[str]) -> int:
             )
         args.max_new_tokens = args.max_length - longest
     cfg = SamplingConfig(
-        max_new_tokens=args.max_new_tokens or 100,
+        max_new_tokens=100 if args.max_new_tokens is None else args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
