@@ -22,13 +22,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "int8"))
     args = p.parse_args()
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.inference import layout_for_inference
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.decode.kernels import layout_for_inference
 
     torch.manual_seed(0)
     model = GPT(GPTConfig.preset("gpt2")).eval()
     if args.dtype == "int8":  # --quantize int8
-        from minigpt2.quantize import quantize_for_decoding
+        from minigpt2.decode.quantize import quantize_for_decoding
 
         gen = Generator(quantize_for_decoding(model, "int8"))
     else:

@@ -19,8 +19,8 @@ import time
 
 
 def worker(mode: str, source: str, tokenizer: str) -> dict:
-    from minigpt2.data import iter_documents, prepare, resolve_source
-    from minigpt2.tokenizer import get_tokenizer
+    from minigpt2.data.corpus import iter_documents, prepare, resolve_source
+    from minigpt2.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer(tokenizer)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt2.batches import _mapped
+from minigpt2.data.batches import _mapped
 
 
 def draws(tokens: np.ndarray, batches: int, seed: int) -> float:

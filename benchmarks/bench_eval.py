@@ -75,8 +75,8 @@ def main() -> None:
     import transformers
 
     from minigpt2 import GPT
-    from minigpt2.evaluate import hellaswag_correct
-    from minigpt2.inference import layout_for_inference
+    from minigpt2.decode.kernels import layout_for_inference
+    from minigpt2.evaluate.scoring import hellaswag_correct
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:

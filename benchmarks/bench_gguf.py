@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from minigpt2.export_gguf import write_gguf
-from minigpt2.generate import Generator, SamplingConfig
-from minigpt2.loading import load_any, tokenizer_for
+from minigpt2.decode.generate import Generator, SamplingConfig
+from minigpt2.formats.gguf import write_gguf
+from minigpt2.formats.loading import load_any, tokenizer_for
 
 
 def llama_greedy(binary: Path, gguf: Path, prompt: str, n: int) -> str:

@@ -24,8 +24,8 @@ PRECISIONS = ("float32", "bfloat16", "int8")
 def step_nll(gen, tokens: list[int]) -> float:
     """Mean next-token NLL (nats) of tokens, stepped one token at a time in context windows
     (natively where the native decoder runs, as sampling does)."""
-    from minigpt2.attention import KVCache
-    from minigpt2.native import NativeDecoder
+    from minigpt2.decode.native import NativeDecoder
+    from minigpt2.model.attention import KVCache
 
     native = NativeDecoder.for_model(gen.model) if gen.use_native else None
 
@@ -53,11 +53,11 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=200)
     p.add_argument("--prompt", default="ROMEO:\nWhat light")
     args = p.parse_args()
-    from minigpt2.batches import open_corpus
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.inference import layout_for_inference
-    from minigpt2.loading import load_any, tokenizer_for
-    from minigpt2.quantize import quantize_for_decoding
+    from minigpt2.data.batches import open_corpus
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.decode.kernels import layout_for_inference
+    from minigpt2.decode.quantize import quantize_for_decoding
+    from minigpt2.formats.loading import load_any, tokenizer_for
 
     model, header = load_any(args.model, None)
     tok = tokenizer_for(header, args.tokenizer)
@@ -71,7 +71,7 @@ def main() -> None:
         else:
             m = layout_for_inference(m.to(getattr(torch, name)), sequences=1)
         gens[name] = Generator(m, vocab_limit=tok.vocab_size)
-    from minigpt2.native import native_available
+    from minigpt2.decode.native import native_available
 
     path = "native step" if native_available() else "PyTorch step"
     print(f"{args.model}: {len(tokens) - 1} validation tokens stepped one at a time ({path})")

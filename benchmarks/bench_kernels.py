@@ -33,9 +33,9 @@ def timed(fn, repeats: int) -> float:
 
 def kernels(rows: int):
     """(name, weight bytes per element, make(weight) -> fn(x), input dtype)."""
-    from minigpt2.inference import PackedLinear
-    from minigpt2.native import NativeLinear, native_available
-    from minigpt2.quantize import Int8Linear
+    from minigpt2.decode.kernels import PackedLinear
+    from minigpt2.decode.native import NativeLinear, native_available
+    from minigpt2.decode.quantize import Int8Linear
 
     def dense(w):
         return lambda x: F.linear(x, w)

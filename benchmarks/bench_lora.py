@@ -50,8 +50,8 @@ def child(args) -> None:
     """One measured run; prints one JSON line."""
     import torch
 
-    from minigpt2.config import from_settings
-    from minigpt2.trainer import Trainer
+    from minigpt2.train.config import from_settings
+    from minigpt2.train.trainer import Trainer
 
     shape, mode, *dtype = args.child.split(":")
     base = Path(args.cache) / shape

@@ -54,9 +54,9 @@ def main() -> None:
     import transformers
 
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.inference import layout_for_inference
-    from minigpt2.quantize import quantize_for_decoding
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.decode.kernels import layout_for_inference
+    from minigpt2.decode.quantize import quantize_for_decoding
 
     torch.manual_seed(0)
     tmp = tempfile.TemporaryDirectory()
@@ -77,8 +77,8 @@ def main() -> None:
         gens[row] = Generator(model)
     gguf = {}
     if args.llama_cpp:
-        from minigpt2.export_gguf import write_gguf
-        from minigpt2.tokenizer import get_tokenizer
+        from minigpt2.data.tokenizer import get_tokenizer
+        from minigpt2.formats.gguf import write_gguf
 
         tok = get_tokenizer(args.tokenizer or "gpt2")
         source = GPT(GPTConfig.preset("gpt2"))

@@ -23,9 +23,9 @@ def main() -> None:
     p.add_argument("--block-size", type=int, default=256)
     p.add_argument("--dtypes", default="float32,bfloat16")
     args = p.parse_args()
-    from minigpt2.config import parse_args
     from minigpt2.device import peak_flops
-    from minigpt2.trainer import Trainer
+    from minigpt2.train.config import parse_args
+    from minigpt2.train.trainer import Trainer
 
     for dtype in args.dtypes.split(","):
         with tempfile.TemporaryDirectory() as out:

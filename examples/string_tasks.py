@@ -68,9 +68,9 @@ def score(model_spec: str, data: Path, batch_size: int) -> float:
     """Exact-match accuracy of greedy answers on test.jsonl, per task and overall."""
     from tqdm import tqdm
 
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.loading import load_any, tokenizer_for
-    from minigpt2.records import wrap_prompt
+    from minigpt2.data.records import wrap_prompt
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.formats.loading import load_any, tokenizer_for
 
     model, header = load_any(model_spec)
     tok = tokenizer_for(header, None)

@@ -11,9 +11,9 @@ import torch
 from conftest import GPT2_TIKTOKEN
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.batches import Batches, load_prepared, open_corpus
-from minigpt2.data import prepare
-from minigpt2.tokenizer import get_tokenizer
+from minigpt2.data.batches import Batches, load_prepared, open_corpus
+from minigpt2.data.corpus import prepare
+from minigpt2.data.tokenizer import get_tokenizer
 
 BYTE = get_tokenizer("byte")
 
@@ -52,7 +52,7 @@ def test_directory_documents_are_separated_by_eot(tmp_path):
 
 @pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
 def test_gpt2_preparation_equals_plain_encoding_across_chunks(tmp_path, monkeypatch):
-    import minigpt2.data as data_mod
+    import minigpt2.data.corpus as data_mod
 
     monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)  # force many chunk boundaries
     text = "".join(
@@ -259,7 +259,7 @@ def test_hf_dataset_without_the_hub_fails_at_once(tmp_path, monkeypatch):
     import socket
     import time
 
-    from minigpt2.records import read_hf_records
+    from minigpt2.data.records import read_hf_records
 
     for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "HTTPS_PROXY", "https_proxy"):
         monkeypatch.delenv(var, raising=False)
@@ -307,7 +307,7 @@ def test_cli_prepare_and_errors(tmp_path):
 
 
 def test_stdlib_source_resolves():
-    from minigpt2.data import resolve_source
+    from minigpt2.data.corpus import resolve_source
 
     src = resolve_source("stdlib")
     assert len(src.files) > 300 and all(f.suffix == ".py" for f in src.files)

@@ -15,7 +15,7 @@ from conftest import ROOT
 from safetensors.torch import load_file
 from test_train import settings
 
-from minigpt2.checkpoint import load_checkpoint
+from minigpt2.formats.checkpoint import load_checkpoint
 
 
 def free_port() -> int:
@@ -196,7 +196,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_anywhere(tmp_path):
 READ_COUNTER = """
 import sys
 import torch._dynamo, torch.distributed.checkpoint.state_dict, torch.distributed.fsdp
-from minigpt2 import trainer
+from minigpt2.train import trainer
 from minigpt2.cli.train import train_main
 
 def rchar():
@@ -256,9 +256,9 @@ def test_mfu_divides_the_global_rate_by_every_device(tmp_path, monkeypatch):
     """tokens_per_sec counts the global batch, so MFU's peak is world_size devices' peak."""
     from types import SimpleNamespace
 
-    import minigpt2.report as report
+    import minigpt2.train.report as report
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.config import TrainConfig
+    from minigpt2.train.config import TrainConfig
 
     monkeypatch.setattr(report, "peak_flops", lambda device, dtype, tf32: 1e12)
     model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=16))
@@ -292,7 +292,7 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     for code, _, err in results:
         assert code == 143, err
         assert "Traceback" not in err
-    from minigpt2.checkpoint import load_checkpoint
+    from minigpt2.formats.checkpoint import load_checkpoint
 
     _, header = load_checkpoint(tmp_path / "run" / "ckpt.safetensors")
     assert header["iter"] >= 3
@@ -303,7 +303,7 @@ def test_a_signal_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
 def test_each_rank_draws_its_own_dropout_and_resumes_its_own_stream(tmp_path):
     """Two ranks with dropout: their generators differ, each is saved, and a resumed run
     equals the uninterrupted one."""
-    from minigpt2.checkpoint import load_checkpoint
+    from minigpt2.formats.checkpoint import load_checkpoint
 
     common = dict(dropout=0.1, max_iters=4)
     run_world(2, tiny(tmp_path, "full", **common), tmp_path)
@@ -319,7 +319,7 @@ def _turns_worker(rank: int, world: int, init: str, log: str) -> None:
 
     import torch.distributed as dist
 
-    from minigpt2.distributed import DistContext, in_turns
+    from minigpt2.train.distributed import DistContext, in_turns
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
 
@@ -359,8 +359,9 @@ def test_sharded_model_from_the_meta_device(tmp_path):
     computes in bfloat16 while the sharded weights and their gradients stay float32."""
     import torch.distributed as dist
 
-    from minigpt2.model import GPT, GPTConfig
-    from minigpt2.sharding import fill_shards, fill_with_init, rows_of_model, sharded_model
+    from minigpt2.model.config import GPTConfig
+    from minigpt2.model.gpt import GPT
+    from minigpt2.train.sharding import fill_shards, fill_with_init, rows_of_model, sharded_model
 
     config = GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)
     init = f"tcp://127.0.0.1:{free_port()}"

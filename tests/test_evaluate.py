@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, MiniGPT2Error
-from minigpt2.evaluate import hellaswag, perplexity, read_hellaswag
-from minigpt2.tokenizer import ByteTokenizer
+from minigpt2.data.tokenizer import ByteTokenizer
+from minigpt2.evaluate.scoring import hellaswag, perplexity, read_hellaswag
 
 BYTE = ByteTokenizer()
 WORDS = "the a man woman dog runs jumps over under table kitchen then slowly quickly".split()
@@ -163,7 +163,7 @@ def test_lm_eval_adapter_equals_lm_evals_hf_model(hf_dir, local_tasks, monkeypat
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from minigpt2.harness import MiniGPT2LM
+    from minigpt2.evaluate.harness import MiniGPT2LM
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
@@ -319,7 +319,7 @@ def test_hellaswag_during_training(tmp_path):
     from test_train import settings
 
     from minigpt2.cli.train import train_main
-    from minigpt2.loading import load_any
+    from minigpt2.formats.loading import load_any
 
     path = write_jsonl(tmp_path / "hs.jsonl", hellaswag_examples(30, seed=3))
     args = settings(tmp_path, hellaswag=str(path), hellaswag_examples=25, dropout=0.0)

@@ -11,9 +11,9 @@ import torch
 from conftest import GPT2_TIKTOKEN
 
 from minigpt2 import GPT, GPTConfig
+from minigpt2.data.tokenizer import get_tokenizer
+from minigpt2.decode.generate import Generator, SamplingConfig
 from minigpt2.errors import MiniGPT2Error
-from minigpt2.generate import Generator, SamplingConfig
-from minigpt2.tokenizer import get_tokenizer
 
 needs_bpe = pytest.mark.skipif(
     not GPT2_TIKTOKEN.is_file(), reason=f"GPT-2's BPE file is not at {GPT2_TIKTOKEN}"
@@ -107,7 +107,7 @@ def read_gguf(path):
 
 def expected_tensors(model: GPT) -> dict[str, np.ndarray]:
     """The model's tensors under llama.cpp's names, (out, in) as nn.Linear holds them."""
-    from minigpt2.export_gguf import gguf_name
+    from minigpt2.formats.gguf import gguf_name
 
     state = model.state_dict()
     names = {k.removeprefix("transformer."): v for k, v in state.items() if k != "lm_head.weight"}
@@ -115,7 +115,7 @@ def expected_tensors(model: GPT) -> dict[str, np.ndarray]:
 
 
 def test_gguf_f32_reads_back_as_the_model_with_llama_cpp_metadata(tmp_path, export, bpe):
-    from minigpt2.export_gguf import write_gguf
+    from minigpt2.formats.gguf import write_gguf
 
     model, _ = export
     write_gguf(model, tmp_path / "m.gguf", bpe, "f32")
@@ -144,7 +144,7 @@ def test_gguf_f32_reads_back_as_the_model_with_llama_cpp_metadata(tmp_path, expo
 
 @pytest.mark.parametrize("outtype", ["q8_0", "bf16", "f16"])
 def test_gguf_lower_precision_within_its_rounding(tmp_path, export, bpe, outtype):
-    from minigpt2.export_gguf import write_gguf
+    from minigpt2.formats.gguf import write_gguf
 
     model, _ = export
     write_gguf(model, tmp_path / "m.gguf", bpe, outtype)
@@ -168,7 +168,7 @@ def test_gguf_lower_precision_within_its_rounding(tmp_path, export, bpe, outtype
 
 
 def test_gguf_bad_input_is_one_line_and_writes_nothing(tmp_path, bpe):
-    from minigpt2.export_gguf import write_gguf
+    from minigpt2.formats.gguf import write_gguf
 
     with pytest.raises(MiniGPT2Error, match="unknown outtype 'q4_k'"):
         write_gguf(wide_model(), tmp_path / "a.gguf", bpe, "q4_k")

@@ -10,7 +10,7 @@ import torch
 from conftest import ROOT, write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
-from minigpt2.generate import Generator, SamplingConfig, process_logits
+from minigpt2.decode.generate import Generator, SamplingConfig, process_logits
 
 
 def tiny_model(vocab=101, block=24, seed=0) -> GPT:
@@ -300,7 +300,7 @@ def test_cli_prompt_longer_than_context_keeps_its_end(byte_run, tmp_path):
 def test_decoding_layout_keeps_logits_and_tokens(pack):
     import copy
 
-    from minigpt2.inference import PackedLinear, layout_for_inference
+    from minigpt2.decode.kernels import PackedLinear, layout_for_inference
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=101, block_size=64))

@@ -13,11 +13,11 @@ from test_distributed import assert_same_run, run_world
 from test_train import settings
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
-from minigpt2.checkpoint import load_checkpoint
 from minigpt2.cli.train import train_main
-from minigpt2.loading import load_any
-from minigpt2.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
-from minigpt2.optim import param_groups
+from minigpt2.formats.checkpoint import load_checkpoint
+from minigpt2.formats.loading import load_any
+from minigpt2.model.lora import LoRAConfig, LoRALinear, apply_lora, merge_lora
+from minigpt2.train.optim import param_groups
 
 
 def trainable(model) -> int:

@@ -42,7 +42,7 @@ def test_sdpa_and_explicit_masked_softmax_agree():
 
 
 def test_kv_cache_matches_full_forward():
-    from minigpt2.model import KVCache
+    from minigpt2.model.gpt import KVCache
 
     for impl in ("sdpa", "math"):
         model = tiny(attn_impl=impl)

@@ -11,8 +11,8 @@ from test_train import settings, weights
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.cli.train import train_main
-from minigpt2.config import TrainConfig
-from minigpt2.optim import build_optimizer
+from minigpt2.train.config import TrainConfig
+from minigpt2.train.optim import build_optimizer
 
 NS = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic Newton-Schulz coefficients
 

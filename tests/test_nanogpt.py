@@ -10,7 +10,7 @@ from conftest import GPT2_TIKTOKEN
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.errors import MiniGPT2Error
-from minigpt2.loading import load_any
+from minigpt2.formats.loading import load_any
 
 
 def nanogpt_model(bias: bool, vocab_size: int = 50304) -> GPT:

@@ -7,11 +7,11 @@ import torch
 from conftest import write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
-from minigpt2.attention import KVCache
-from minigpt2.generate import Generator, SamplingConfig
-from minigpt2.inference import layout_for_inference
-from minigpt2.native import NativeDecoder, NativeLinear, instruction_set, native_available
-from minigpt2.quantize import Int8Linear, quantize_for_decoding
+from minigpt2.decode.generate import Generator, SamplingConfig
+from minigpt2.decode.kernels import layout_for_inference
+from minigpt2.decode.native import NativeDecoder, NativeLinear, instruction_set, native_available
+from minigpt2.decode.quantize import Int8Linear, quantize_for_decoding
+from minigpt2.model.attention import KVCache
 
 pytestmark = pytest.mark.skipif(
     not native_available(), reason="native decoder not built, or this CPU has no AVX2"

@@ -8,7 +8,7 @@ import torch
 from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
-from minigpt2.model import KVCache, sinusoid_table
+from minigpt2.model.gpt import KVCache, sinusoid_table
 
 LENGTHS = [7, 3, 11, 1]  # different lengths, one of them a single token
 
@@ -150,7 +150,7 @@ def test_sinusoidal_model_has_no_position_parameters():
 
 def test_batched_greedy_generation_equals_transformers_and_each_alone(hf_dir):
     transformers = pytest.importorskip("transformers")
-    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.decode.generate import Generator, SamplingConfig
 
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     prompts = sequences()
@@ -165,7 +165,7 @@ def test_batched_greedy_generation_equals_transformers_and_each_alone(hf_dir):
 
 
 def test_batched_generation_past_the_context_slides_each_row_like_alone(hf_dir):
-    from minigpt2.generate import Generator, SamplingConfig
+    from minigpt2.decode.generate import Generator, SamplingConfig
 
     gen = Generator(GPT.from_pretrained(hf_dir))  # 32 positions; 11 + 30 runs past them
     prompts = sequences()
@@ -180,7 +180,7 @@ def test_batched_generation_past_the_context_slides_each_row_like_alone(hf_dir):
 
 
 def test_each_row_stops_on_its_own():
-    from minigpt2.generate import GenerationStats, Generator, SamplingConfig
+    from minigpt2.decode.generate import GenerationStats, Generator, SamplingConfig
 
     torch.manual_seed(12)
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=20, block_size=32))
@@ -233,7 +233,7 @@ def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_
 
 
 def test_prefill_never_reads_unwritten_cache_memory(hf_dir):
-    from minigpt2.generate import Generator
+    from minigpt2.decode.generate import Generator
 
     gen = Generator(GPT.from_pretrained(hf_dir))
     prompts = sequences()

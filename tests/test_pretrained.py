@@ -76,7 +76,7 @@ def test_compiled_wrapper_exports_without_prefix(tmp_path):
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=8))
     wrapped = torch.nn.Module()
     wrapped._orig_mod = model  # what torch.compile's OptimizedModule holds
-    from minigpt2.pretrained import released_state
+    from minigpt2.formats.released import released_state
 
     assert set(released_state(wrapped)) == set(released_state(model))
 

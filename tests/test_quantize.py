@@ -10,13 +10,13 @@ import torch
 from conftest import write_wide_byte_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
-from minigpt2.attention import KVCache
-from minigpt2.generate import Generator, SamplingConfig
-from minigpt2.inference import FewRowsLinear, PackedLinear, layout_for_inference
-from minigpt2.quantize import Int8Linear, quantize_for_decoding
+from minigpt2.decode.generate import Generator, SamplingConfig
+from minigpt2.decode.kernels import FewRowsLinear, PackedLinear, layout_for_inference
+from minigpt2.decode.quantize import Int8Linear, int8_kernel_available, quantize_for_decoding
+from minigpt2.model.attention import KVCache
 
 needs_int8 = pytest.mark.skipif(
-    not __import__("minigpt2.quantize").quantize.int8_kernel_available(torch.device("cpu")),
+    not int8_kernel_available(torch.device("cpu")),
     reason="this PyTorch has no CPU int8 weight kernel",
 )
 
@@ -93,7 +93,7 @@ def test_quantize_bad_input_is_one_line(tmp_path, monkeypatch):
     assert result.stderr.strip().splitlines() == [
         "error: unknown quantization 'int4'; schemes: int8"
     ]
-    import minigpt2.quantize as quantize
+    import minigpt2.decode.quantize as quantize
 
     monkeypatch.setattr(quantize, "int8_kernel_available", lambda device: False)
     with pytest.raises(MiniGPT2Error, match="no int8 weight kernel on cpu"):
@@ -101,7 +101,7 @@ def test_quantize_bad_input_is_one_line(tmp_path, monkeypatch):
 
 
 def test_without_the_native_decoder_decoding_runs_in_pytorch(monkeypatch):
-    import minigpt2.native as native
+    import minigpt2.decode.native as native
 
     monkeypatch.setattr(native, "_library", lambda: None)  # not built, or a CPU without AVX-512
     model = layout_for_inference(small().to(torch.bfloat16), sequences=1)

@@ -11,10 +11,10 @@ from test_train_cli import ROOT, run
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.cli.train import train_main
-from minigpt2.config import parse_args
-from minigpt2.records import segments
-from minigpt2.tokenizer import ByteTokenizer
-from minigpt2.trainer import Trainer
+from minigpt2.data.records import segments
+from minigpt2.data.tokenizer import ByteTokenizer
+from minigpt2.train.config import parse_args
+from minigpt2.train.trainer import Trainer
 
 BYTE = ByteTokenizer()
 
@@ -205,9 +205,9 @@ def sample(*args, cwd):
 
 
 def test_sampling_a_record_model_uses_its_template_and_stops_at_eot(record_run, tmp_path):
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.loading import load_any
-    from minigpt2.records import ALPACA_NO_INPUT
+    from minigpt2.data.records import ALPACA_NO_INPUT
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.formats.loading import load_any
 
     common = ["--model", str(record_run), "--prompt", "Add 3 and 3.", "--json", "--greedy"]
     wrapped = sample(*common, "--max-new-tokens", "60", cwd=tmp_path)

@@ -17,7 +17,7 @@ from test_train_cli import run
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.cli.train import train_main
-from minigpt2.rundir import LOCK, RunLock
+from minigpt2.train.rundir import LOCK, RunLock
 
 
 def snapshot(out_dir) -> dict[str, bytes]:

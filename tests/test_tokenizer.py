@@ -6,7 +6,7 @@ import pytest
 from conftest import GPT2_TIKTOKEN
 
 from minigpt2 import MiniGPT2Error
-from minigpt2.tokenizer import get_tokenizer
+from minigpt2.data.tokenizer import get_tokenizer
 
 needs_bpe = pytest.mark.skipif(
     not GPT2_TIKTOKEN.is_file(),

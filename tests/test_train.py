@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.cli.train import train_main
-from minigpt2.config import TrainConfig, parse_args
-from minigpt2.optim import lr_at, param_groups
-from minigpt2.trainer import Trainer
+from minigpt2.train.config import TrainConfig, parse_args
+from minigpt2.train.optim import lr_at, param_groups
+from minigpt2.train.trainer import Trainer
 
 CORPUS = "".join(
     f"line {i}: the cat sat on the mat, and the dog ran after it.\n" for i in range(400)
@@ -158,7 +158,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "train_step", step)
     with pytest.raises(MiniGPT2Error, match="loss became nan at step 3.*last good checkpoint"):
         trainer.run()
-    from minigpt2.checkpoint import load_checkpoint
+    from minigpt2.formats.checkpoint import load_checkpoint
 
     tensors, header = load_checkpoint(tmp_path / "out" / "ckpt.safetensors")
     assert header["iter"] == 2 and all(torch.isfinite(t).all() for t in tensors.values())
@@ -183,7 +183,7 @@ def test_format_1_checkpoints_still_resume(tmp_path):
 
     from safetensors.torch import save_file
 
-    from minigpt2.checkpoint import _digest, load_checkpoint
+    from minigpt2.formats.checkpoint import _digest, load_checkpoint
 
     train_main(settings(tmp_path, max_iters=3))
     path = tmp_path / "out" / "ckpt.safetensors"
@@ -200,7 +200,7 @@ def test_format_1_checkpoints_still_resume(tmp_path):
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import safetensors.torch
+    import minigpt2.formats.checkpoint as checkpoint
 
     train_main(settings(tmp_path, max_iters=3))
     before = (tmp_path / "out" / "ckpt.safetensors").read_bytes()
@@ -210,7 +210,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
     with pytest.raises(MiniGPT2Error, match="No space left on device.*previous file there is"):
         train_main([f"--out_dir={tmp_path / 'out'}", "--init_from=resume", "--max_iters=6"])
     assert (tmp_path / "out" / "ckpt.safetensors").read_bytes() == before
@@ -219,7 +219,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_compiled_model_checkpoints_without_prefix():
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.checkpoint import load_model_tensors, model_tensors
+    from minigpt2.formats.checkpoint import load_model_tensors, model_tensors
 
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, vocab_size=50, block_size=8))
     compiled = torch.compile(model)  # wrapping is lazy: nothing is compiled here
@@ -248,9 +248,9 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path):
 
 
 def test_sinusoidal_positions_train_resume_exactly_and_refuse_export(tmp_path):
-    from minigpt2.generate import Generator, SamplingConfig
-    from minigpt2.loading import load_model
-    from minigpt2.pretrained import save_pretrained
+    from minigpt2.decode.generate import Generator, SamplingConfig
+    from minigpt2.formats.loading import load_model
+    from minigpt2.formats.released import save_pretrained
 
     full, half = tmp_path / "full", tmp_path / "half"
     full.mkdir(), half.mkdir()

@@ -12,7 +12,7 @@ import torch
 from conftest import GPT2_TIKTOKEN, ROOT, write_hf_checkpoint
 from test_train import CORPUS, settings
 
-from minigpt2.config import parse_args
+from minigpt2.train.config import parse_args
 
 
 def run(args, cwd, timeout=120):
@@ -141,7 +141,7 @@ def test_finetune_released_checkpoint_lowers_loss_and_exports(tmp_path):
     assert exported.returncode == 0, exported.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "export").eval()
     assert hf.config.n_positions == 32  # the cropped context travels with the export
-    from minigpt2.loading import load_any
+    from minigpt2.formats.loading import load_any
 
     ours, _ = load_any(str(tmp_path / "out"))
     idx = torch.randint(0, 50257, (2, 32))
@@ -156,7 +156,7 @@ def test_export_errors(tmp_path):
 
 
 def test_sigkill_at_any_moment_leaves_a_good_checkpoint(tmp_path):
-    from minigpt2.checkpoint import load_checkpoint
+    from minigpt2.formats.checkpoint import load_checkpoint
 
     args = settings(
         tmp_path, max_iters=100000, checkpoint_interval=1, eval_interval=100000, log_interval=1000

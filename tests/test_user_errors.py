@@ -46,7 +46,7 @@ def interrupt(monkeypatch, target: str) -> None:
 
 def test_ctrl_c_in_prepare_leaves_no_partial_cache(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.txt").write_text("some text to tokenize\n" * 100)
-    interrupt(monkeypatch, "data:_encode_pieces")
+    interrupt(monkeypatch, "data.corpus:_encode_pieces")
     args = ["prepare", str(tmp_path / "a.txt"), "--tokenizer", "byte"]
     assert main([*args, "--out-dir", str(tmp_path / "cache")]) == 130
     assert capsys.readouterr().err.strip().splitlines() == [
@@ -56,7 +56,7 @@ def test_ctrl_c_in_prepare_leaves_no_partial_cache(tmp_path, monkeypatch, capsys
 
 
 def test_ctrl_c_in_export_leaves_the_destination_as_it_was(tmp_path, byte_run, monkeypatch, capsys):
-    interrupt(monkeypatch, "pretrained:hf_config")
+    interrupt(monkeypatch, "formats.released:hf_config")
     assert main(["export", str(byte_run), str(tmp_path / "exported")]) == 130
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no hidden leftover
@@ -64,7 +64,7 @@ def test_ctrl_c_in_export_leaves_the_destination_as_it_was(tmp_path, byte_run, m
 
 def test_ctrl_c_in_eval(tmp_path, byte_run, monkeypatch, capsys):
     (tmp_path / "t.txt").write_text("the cat sat on the mat\n" * 20)
-    interrupt(monkeypatch, "evaluate:perplexity")
+    interrupt(monkeypatch, "cli.eval:perplexity")
     args = ["eval", "--model", str(byte_run), "--task", "perplexity", "--data", "t.txt"]
     monkeypatch.chdir(tmp_path)
     assert main([*args, "--data-cache", str(tmp_path / "c")]) == 130
@@ -231,8 +231,8 @@ def test_export_is_read_back_offline_with_its_own_tokenizer(tmp_path):
     import torch
 
     from minigpt2 import GPT, GPTConfig
-    from minigpt2.loading import tokenizer_for
-    from minigpt2.tokenizer import get_tokenizer
+    from minigpt2.data.tokenizer import get_tokenizer
+    from minigpt2.formats.loading import tokenizer_for
 
     bpe = get_tokenizer(str(GPT2_TIKTOKEN))
     torch.manual_seed(0)
@@ -250,7 +250,7 @@ def test_export_is_read_back_offline_with_its_own_tokenizer(tmp_path):
 
 
 def test_a_vocabulary_that_is_not_gpt2s_is_refused(tmp_path):
-    from minigpt2.loading import tokenizer_for
+    from minigpt2.formats.loading import tokenizer_for
 
     directory = tmp_path / "m"
     directory.mkdir()

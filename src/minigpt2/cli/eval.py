@@ -7,7 +7,16 @@ import json
 import math
 import sys
 
+import numpy as np
+from tqdm import tqdm
+
+from ..data.batches import open_corpus
+from ..decode.kernels import layout_for_inference
+from ..decode.quantize import check_scheme, quantize_for_decoding
+from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import MiniGPT2Error
+from ..evaluate.scoring import hellaswag, perplexity, perplexity_windows, read_hellaswag
+from ..formats.loading import load_any, tokenizer_for
 
 TASKS = ("perplexity", "hellaswag")
 HELLASWAG_HF = "hf:Rowan/hellaswag"
@@ -61,10 +70,6 @@ def parser() -> argparse.ArgumentParser:
 
 def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
-    from ..device import resolve_device, resolve_dtype, set_threads
-    from ..inference import layout_for_inference
-    from ..loading import load_any, tokenizer_for
-    from ..quantize import check_scheme, quantize_for_decoding
 
     args = parser().parse_args(argv)
     set_threads(args.threads)
@@ -105,8 +110,6 @@ def _shown(value) -> str:
 
 
 def _bar(total: int, unit: str):
-    from tqdm import tqdm
-
     # disable=None: no bar when stderr is no terminal (a log file would fill with redraws)
     return tqdm(
         total=total, unit=unit, file=sys.stderr, dynamic_ncols=True, desc="scoring", disable=None
@@ -115,10 +118,6 @@ def _bar(total: int, unit: str):
 
 def _perplexity(model, tok, args) -> dict:
     """Tokens, mean NLL, perplexity and bits per byte of the text under sliding windows."""
-    import numpy as np
-
-    from ..batches import open_corpus
-    from ..evaluate import perplexity, perplexity_windows
 
     data = open_corpus(
         args.data,
@@ -150,8 +149,6 @@ def _perplexity(model, tok, args) -> dict:
 
 def _hellaswag(model, tok, args) -> dict:
     """Examples, acc and acc_norm (fractions), llm.c's way."""
-    from ..evaluate import hellaswag, read_hellaswag
-
     data = args.data or HELLASWAG_HF
     examples = read_hellaswag(data, args.limit)
     with _bar(len(examples), "example") as bar:
@@ -165,7 +162,8 @@ def lm_eval_main(argv: list[str]) -> int:
     if any(a == "--model" or a.startswith("--model=") for a in argv):
         raise MiniGPT2Error("the model is minigpt2: give yours as --model_args pretrained=PATH")
 
-    from ..harness import run_harness_cli
+    # here for start-up time: importing lm-eval takes seconds, wanted by this command only
+    from ..evaluate.harness import run_harness_cli
 
     run_harness_cli(["run", "--model", "minigpt2", *argv])
     return 0

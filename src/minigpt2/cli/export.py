@@ -7,6 +7,13 @@ import sys
 from pathlib import Path
 
 from ..errors import MiniGPT2Error
+from ..formats.checkpoint import load_checkpoint
+from ..formats.destination import check_destination, replace_dir
+from ..formats.gguf import check_gguf_export, check_outtype, write_gguf
+from ..formats.loading import find_checkpoint, load_any, tokenizer_for
+from ..formats.nanogpt import is_nanogpt_file
+from ..formats.peft import save_peft_adapter
+from ..formats.released import save_pretrained
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,8 +58,6 @@ def parser() -> argparse.ArgumentParser:
 
 def _tokenizer(model, header, args):
     """The model's tokenizer, or None when it is not to be written."""
-    from ..loading import tokenizer_for
-
     if args.no_tokenizer:
         return None
     return tokenizer_for(header, args.tokenizer, args.source, model.config.vocab_size)
@@ -60,8 +65,6 @@ def _tokenizer(model, header, args):
 
 def export_main(argv: list[str]) -> int:
     """Export SOURCE to DEST; everything is checked before anything is written."""
-    from ..destination import check_destination
-    from ..loading import load_any
 
     args = parser().parse_args(argv)
     gguf = args.dest.endswith(".gguf")
@@ -71,14 +74,10 @@ def export_main(argv: list[str]) -> int:
     if args.outtype is not None and not gguf:
         raise MiniGPT2Error("--outtype applies to a .gguf DEST; the released layout is float32")
     if gguf:
-        from ..export_gguf import check_outtype
-
         check_outtype(args.outtype or "f32")
     model, header = load_any(args.source, args.checkpoint)
     tokenizer = _tokenizer(model, header, args)
     if gguf:
-        from ..export_gguf import check_gguf_export, write_gguf
-
         outtype = args.outtype or "f32"
         check_gguf_export(model, tokenizer, outtype)
         if model.config.gelu != "tanh":
@@ -90,8 +89,6 @@ def export_main(argv: list[str]) -> int:
         write_gguf(model, args.dest, tokenizer, outtype)
         print(f"wrote {args.dest} ({outtype}, {model.num_params():,} parameters)")
         return 0
-    from ..destination import replace_dir
-    from ..pretrained import save_pretrained
 
     written = replace_dir(Path(args.dest), lambda new: save_pretrained(model, new, tokenizer))
     print(f"wrote {args.dest}: {', '.join(written)} ({model.num_params():,} parameters)")
@@ -102,10 +99,6 @@ def export_main(argv: list[str]) -> int:
 
 def _export_adapters(args, gguf: bool) -> int:
     """A LoRA run's adapters as PEFT's adapter_model.safetensors + adapter_config.json."""
-    from ..checkpoint import load_checkpoint
-    from ..loading import find_checkpoint
-    from ..lora import save_peft_adapter
-    from ..nanogpt import is_nanogpt_file
 
     if gguf:
         raise MiniGPT2Error("--adapter-only writes PEFT's directory layout, not a .gguf file")
@@ -118,7 +111,6 @@ def _export_adapters(args, gguf: bool) -> int:
             f"--adapter-only exports a LoRA run's adapters and {args.source} has none; "
             "drop --adapter-only to export the whole model"
         )
-    from ..destination import replace_dir
 
     written = replace_dir(
         Path(args.dest), lambda new: save_peft_adapter(tensors, header["lora"], new)

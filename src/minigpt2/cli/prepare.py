@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..data.corpus import META, prepare
+from ..data.tokenizer import get_tokenizer
+
 
 def parser() -> argparse.ArgumentParser:
     """The command's options."""
@@ -32,8 +35,6 @@ def parser() -> argparse.ArgumentParser:
 
 def prepare_main(argv: list[str]) -> int:
     """Prepare a corpus and print where it went and how many tokens it holds."""
-    from ..data import META, prepare
-    from ..tokenizer import get_tokenizer
 
     args = parser().parse_args(argv)
     out = prepare(

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
 import sys
+from dataclasses import replace
+from pathlib import Path
 
+from ..data.records import RECORD_FORMATS, read_prompts, wrap_prompt
+from ..decode.generate import GenerationStats, Generator, SamplingConfig
+from ..decode.kernels import layout_for_inference
+from ..decode.quantize import check_scheme, quantize_for_decoding
+from ..device import resolve_device, resolve_dtype, set_threads
 from ..errors import MiniGPT2Error
-from ..loading import load_any, tokenizer_for
+from ..formats.loading import load_any, tokenizer_for
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,8 +82,6 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _read_prompt(args) -> str:
-    from pathlib import Path
-
     if args.prompt_file is not None:
         if args.prompt_file == "-":
             return sys.stdin.read()
@@ -99,10 +106,6 @@ def _prompt_ids(tok, text: str, block: int) -> list[int]:
 
 def sample_main(argv: list[str]) -> int:
     """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
-    from ..device import resolve_device, resolve_dtype, set_threads
-    from ..generate import GenerationStats, Generator, SamplingConfig
-    from ..inference import layout_for_inference
-    from ..records import RECORD_FORMATS, read_prompts, wrap_prompt
 
     args = parser().parse_args(argv)
     set_threads(args.threads)
@@ -112,8 +115,6 @@ def sample_main(argv: list[str]) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.quantize:
-        from ..quantize import check_scheme, quantize_for_decoding
-
         check_scheme(args.quantize)
     model, header = load_any(args.model, args.checkpoint)
     tok = tokenizer_for(header, args.tokenizer, args.model, model.config.vocab_size)
@@ -173,8 +174,6 @@ def _body(tok, cfg, row: list[int]) -> str:
 
 def _sample_json(text: str, tok, cfg, row: list[int], finish: str, **extra) -> str:
     """One sample as a JSON object: prompt, text, token_ids, finish_reason."""
-    import json
-
     body = _body(tok, cfg, row)
     fields = {"prompt": text, "text": body, "token_ids": row, "finish_reason": finish, **extra}
     return json.dumps(fields, ensure_ascii=False)
@@ -182,8 +181,6 @@ def _sample_json(text: str, tok, cfg, row: list[int], finish: str, **extra) -> s
 
 def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None:
     """One prompt, num_samples samples: streamed text, or a block / JSON object per sample."""
-    import codecs
-
     steps = gen.stream([prompt] * args.num_samples, cfg, not args.no_cache, stats)
     streaming = args.num_samples == 1 and not args.json
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # never half a character
@@ -210,10 +207,6 @@ def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None
 def _sample_batch_file(gen, args, cfg, tok, texts, prompts) -> None:
     """Every prompt of a batch file, batch_size prompts (times num_samples) at a time; one JSON
     object per sample in input order. Row i of the whole file draws with seed + i."""
-    from dataclasses import replace
-
-    from ..generate import GenerationStats
-
     k, new_tokens, seconds = args.num_samples, 0, 0.0
     for start in range(0, len(prompts), args.batch_size):
         chunk = range(start, min(start + args.batch_size, len(prompts)))

@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import MiniGPT2Error
+from ..formats.checkpoint import LATEST, read_header
+from ..train.config import TrainConfig, from_settings, read_settings, resume_config
+from ..train.trainer import Trainer, print_summary
 
 
 def train_main(argv: list[str], default_config: str | None = None) -> int:
     """Train from a config file and overrides; without a file, default_config (or the defaults)."""
-    from ..checkpoint import LATEST, read_header
-    from ..config import TrainConfig, from_settings, read_settings, resume_config
-    from ..trainer import Trainer, print_summary
 
     if argv and argv[0] in ("-h", "--help"):
         print(

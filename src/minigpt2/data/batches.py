@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import FORMAT_VERSION, META, damaged_shard, prepare
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
+from .corpus import FORMAT_VERSION, META, damaged_shard, prepare
 from .records import RecordSet
 from .tokenizer import Tokenizer
 

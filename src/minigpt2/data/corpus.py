@@ -25,10 +25,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
+import regex
+from tqdm import tqdm
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -123,8 +126,6 @@ _SAFE_CUT = r"(?<=\S)[ \n](?=\S)|(?<=\p{L})(?=[^\s\p{L}])"
 def _split_point(text: str, limit: int) -> int | None:
     """A safe cut (see _SAFE_CUT) at most limit, the last one there; else the first one past
     limit; None when text has none (it is then encoded whole)."""
-    import regex
-
     pattern = regex.compile(_SAFE_CUT)
     for start in (max(0, limit - (1 << 16)), 0):  # the last 64k characters first: cheap
         cuts = [m.start() for m in pattern.finditer(text, start, limit) if m.start() > 0]
@@ -175,6 +176,7 @@ def iter_documents(source: Source, errors: str = "strict") -> Iterator[tuple[str
         for path in source.files:
             yield from _file_documents(path, errors)
         return
+    # here for start-up time: importing datasets takes about 2 s
     try:
         import datasets
 
@@ -203,8 +205,6 @@ def check_hub(spec: str, name: str, instead: str) -> None:
     be reached: datasets would otherwise retry for half a minute first. Skipped for a local
     folder, when the offline variables are set (datasets then reads its cache) and behind a
     proxy (which this probe would not use)."""
-    from urllib.parse import urlsplit
-
     offline = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
     if Path(name).expanduser().exists() or any(os.environ.get(v, "0") != "0" for v in offline):
         return
@@ -338,8 +338,6 @@ def prepare(
     progress: bool = True,
 ) -> Path:
     """Tokenise a corpus into shards (or reuse a finished preparation) and return its directory."""
-    from tqdm import tqdm
-
     if not 0.0 < val_fraction < 1.0:
         raise MiniGPT2Error(f"val_fraction={val_fraction} must be between 0 and 1")
     if decode_errors not in ("strict", "replace"):

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
+from .corpus import check_hub, dataset_error, resolve_source
 from .tokenizer import Tokenizer
 
 RECORD_FORMATS = ("instruction", "prompt_completion", "chat")
@@ -249,10 +250,9 @@ class RecordData:
 
 def read_hf_records(spec: str, split: str) -> list[dict]:
     """The rows of a Hugging Face dataset split (hf:NAME[:CONFIG]) as records."""
-    from .data import check_hub, dataset_error, resolve_source
-
     name, config = resolve_source(spec).hf
     check_hub(spec, name, "a local .json or .jsonl record file")
+    # here for start-up time: importing datasets takes about 2 s
     try:
         import datasets
 

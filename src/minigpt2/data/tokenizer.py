@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+from tiktoken_ext.openai_public import r50k_pat_str
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 
 # sha256 of GPT-2's ranks in tiktoken's format (r50k_base.tiktoken), as pinned by tiktoken's
 # own tiktoken_ext/openai_public.py; the gpt2 and r50k_base encodings share these ranks.
@@ -94,7 +99,6 @@ class TiktokenGPT2(Tokenizer):
         # tiktoken's Rust core releases the GIL, so threads use every core; encode_to_numpy
         # skips building a Python list per token. disallowed_special=() with no allowed
         # special tokens encodes a literal <|endoftext|> as text, like encode_ordinary.
-        from concurrent.futures import ThreadPoolExecutor
 
         def one(text: str) -> np.ndarray:
             return self.encoding.encode_to_numpy(text, disallowed_special=())
@@ -109,8 +113,6 @@ class TiktokenGPT2(Tokenizer):
 
 def _gpt2_from_file(path: Path) -> TiktokenGPT2:
     """GPT-2's encoding from a local .tiktoken file, after checking its hash."""
-    from tiktoken.load import load_tiktoken_bpe
-
     if not path.is_file():
         raise MiniGPT2Error(f"tokenizer file {path} does not exist; {HOW_TO_PROVIDE}")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -124,8 +126,6 @@ def _gpt2_from_file(path: Path) -> TiktokenGPT2:
 
 def _gpt2_encoding(ranks: dict[bytes, int]) -> TiktokenGPT2:
     """GPT-2's tokenizer over its ranks (bytes -> id, end-of-text excluded), checked already."""
-    import tiktoken
-    from tiktoken_ext.openai_public import r50k_pat_str
 
     encoding = tiktoken.Encoding(
         name="gpt2",
@@ -140,8 +140,6 @@ def _gpt2_encoding(ranks: dict[bytes, int]) -> TiktokenGPT2:
 def gpt2_from_ranks(ranks: dict[bytes, int], source: str) -> TiktokenGPT2:
     """GPT-2's tokenizer from ranks read elsewhere (a model directory's vocab.json), refused
     unless they are GPT-2's: written out in tiktoken's format they must hash as its file."""
-    import base64
-
     ordered = sorted(ranks.items(), key=lambda item: item[1])
     text = "".join(f"{base64.b64encode(token).decode()} {rank}\n" for token, rank in ordered)
     if hashlib.sha256(text.encode()).hexdigest() != GPT2_TIKTOKEN_SHA256:
@@ -154,8 +152,6 @@ def gpt2_from_ranks(ranks: dict[bytes, int], source: str) -> TiktokenGPT2:
 
 def _gpt2_default() -> TiktokenGPT2:
     """GPT-2's encoding the normal way, after a local copy in $TIKTOKEN_CACHE_DIR."""
-    import tiktoken
-
     cache = os.environ.get("TIKTOKEN_CACHE_DIR")
     for name in _TIKTOKEN_FILE_NAMES if cache else ():
         if (Path(cache) / name).is_file():

@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import MiniGPT2Error
-from .model import GPT, KVCache
+from ..errors import MiniGPT2Error
+from ..model.gpt import GPT, KVCache
 from .native import NativeDecoder
 
 
@@ -113,7 +113,7 @@ class Generator:
         self.vocab = vocab  # padded ids past the tokenizer's are never picked
         self.device, self.dtype = wte.device, wte.dtype
         self.hidden_states = self.model.hidden_states
-        # one-sequence steps in native.c where it runs (native.py), made at the first such call
+        # one-sequence steps in native.c where it runs (decode/native), made at the first such call
         self.use_native, self.native = native, None
 
     def compile(self) -> Generator:

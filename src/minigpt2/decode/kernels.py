@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from .model import GPT
+from ..model.gpt import GPT
 from .native import NativeLinear, use_native_linears
 
 
@@ -117,7 +117,7 @@ def layout_for_inference(model: GPT, pack: bool = True, sequences: int = 0) -> G
 
     sequences: how many the model will decode at once, a row each per product; 0 if it will
     score text instead (hundreds of rows a product). On a CPU that runs the native decoder
-    (native.py), decoding keeps dense row-major weights, which it reads: products of up to 8
+    (decode/native), decoding keeps dense row-major weights, which it reads: products of up to 8
     rows and whole one-sequence steps run there. Except float32 with more than 2 sequences,
     where oneDNN's packed weights multiply faster (gpt2's 49 matrices at 4 rows 12.9 ms
     against 15.3, at 8 rows 13.0 against 16.3; BENCHMARKS.md).

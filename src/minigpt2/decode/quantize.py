@@ -4,7 +4,7 @@ float scale per output channel. In memory only: checkpoints are never quantized.
 Symmetric per-channel rounding: scale_j = max_k |W_jk| / 127 and q_jk = round(W_jk / scale_j),
 so each weight is off by at most half a step, scale_j / 2. A product reads a quarter of
 float32's bytes per weight: up to 8 rows (decoding) in the native decoder where it runs
-(native.py; float32 activations), more rows (prompts, scoring) through
+(decode/native; float32 activations), more rows (prompts, scoring) through
 `torch.ops.aten._weight_int8pack_mm` (bfloat16 activations and scales).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 from .native import NativeLinear, native_available, native_linear
 
 SCHEMES = ("int8",)

@@ -18,7 +18,13 @@ import sys
 
 import torch
 
-from .errors import MiniGPT2Error
+from ..decode.generate import Generator, SamplingConfig
+from ..decode.kernels import layout_for_inference
+from ..device import resolve_device, resolve_dtype
+from ..errors import MiniGPT2Error
+from ..formats.loading import load_any, tokenizer_for
+from ..model.gpt import GPT
+from .scoring import score_continuations
 
 try:
     from lm_eval import utils as lm_utils
@@ -54,10 +60,6 @@ class MiniGPT2LM(TemplateLM):
         **_ignored,
     ) -> None:
         super().__init__()
-        from .device import resolve_device, resolve_dtype
-        from .inference import layout_for_inference
-        from .loading import load_any, tokenizer_for
-        from .model import GPT
 
         if isinstance(pretrained, GPT):  # a copy: the inference layout below is final
             model, header = copy.deepcopy(pretrained), None
@@ -96,8 +98,6 @@ class MiniGPT2LM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """(log-probability, is greedy) of each ((context, continuation), ids, ids) request;
         requests with one context are scored together, the context run once."""
-        from .evaluate import score_continuations
-
         order: dict[tuple, list[int]] = {}  # context ids -> request indices, first seen first
         for i, (_, ctx, _) in enumerate(requests):
             order.setdefault(tuple(ctx), []).append(i)
@@ -147,8 +147,6 @@ class MiniGPT2LM(TemplateLM):
         return out
 
     def _generate(self, contexts: list[str], kwargs: dict) -> list[str]:
-        from .generate import Generator, SamplingConfig
-
         until = handle_stop_sequences(kwargs.pop("until", None), eos=EOT_TEXT)
         new = kwargs.pop("max_gen_toks")
         if new >= self.max_length:

@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import MiniGPT2Error
-from .model import GPT, KVCache
+from ..data.corpus import dataset_error, resolve_source
+from ..decode.generate import Generator
+from ..errors import MiniGPT2Error
+from ..model.gpt import GPT, KVCache
 
 HEAD_CHUNK = 1024  # positions whose logits exist at once (1024 x 50257 float32 = 206 MB)
 ROWS_PER_PASS = 16  # continuations per forward pass, sorted by length: little padding
@@ -58,8 +60,6 @@ def _score_batch(model: GPT, groups: list[Group]) -> list[list[Score]]:
     """Scores of one batch of groups (each fitting the context window): the contexts run once
     into a cache, then the continuations, shortest first, ROWS_PER_PASS rows a pass so that
     each pass pads little."""
-    from .generate import Generator
-
     device, dtype = model.transformer.wte.weight.device, model.transformer.wte.weight.dtype
     width = max(len(c) for c, _ in groups)
     longest = max(len(t) for _, conts in groups for t in conts)
@@ -173,9 +173,8 @@ def read_hellaswag(spec: str, limit: int | None = None) -> list[dict]:
     """HellaSwag examples (ctx, endings, label) from a JSONL file in the original release's
     format, or hf:NAME (the validation split of a dataset with those fields)."""
     if spec.startswith("hf:"):
-        from .data import dataset_error, resolve_source
-
         name, config = resolve_source(spec).hf
+        # here for start-up time: importing datasets takes about 2 s
         try:
             import datasets
 

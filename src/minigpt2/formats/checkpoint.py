@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
+from ..model.lora import adapter_state
 
 FORMAT_VERSION = 2  # 1: one digest over the whole file (still read); 2: digests by pieces
 LATEST = "ckpt.safetensors"
@@ -103,8 +105,6 @@ def write_atomic(path: Path, write) -> None:
 
 def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
     """Write tensors and header to path atomically."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     digests = {k: _piece_digests(v) for k, v in tensors.items()}
     header = {
@@ -221,8 +221,6 @@ class CheckpointFile:
     def _format1(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Format 1 has one digest for the whole file: read and check everything once."""
         if self.whole is None:
-            from safetensors.torch import load_file
-
             try:
                 whole = load_file(self.path)
             except Exception as e:  # safetensors raises its own error types
@@ -251,8 +249,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 def model_tensors(model: torch.nn.Module, adapters_only: bool = False) -> dict[str, torch.Tensor]:
     """The model's weights under `model.`, the tied head once, no torch.compile prefix; with
     adapters_only, a LoRA run's adapters alone (its base is named in the header)."""
-    from .lora import adapter_state
-
     model = getattr(model, "_orig_mod", model)
     if adapters_only:
         return {f"model.{k}": v.detach() for k, v in adapter_state(model).items()}

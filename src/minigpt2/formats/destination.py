@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 
 T = TypeVar("T")
 

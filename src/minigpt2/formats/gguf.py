@@ -13,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MiniGPT2Error
-from .model import GPT
-from .tokenizer import Tokenizer
+from ..data.tokenizer import Tokenizer
+from ..errors import MiniGPT2Error
+from ..model.gpt import GPT
+from .checkpoint import write_atomic
+from .hf_tokenizer import EOT_TEXT, tokenizer_tables
+from .released import CONV1D_WEIGHTS, released_state
 
 # outtype -> (ggml tensor type name, llama.cpp file type: gguf.LlamaFileType's values)
 OUTTYPES = {"f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7)}
@@ -45,8 +48,6 @@ def gguf_name(key: str) -> str:
 def gguf_vocabulary(tokenizer: Tokenizer, vocab_size: int):
     """(tokens, token types, merges) as the converter writes them; ids past the tokenizer's are
     padding ([PAD<id>], unused), as for nanoGPT's 50304-row embeddings."""
-    from .tokenizer_files import EOT_TEXT, tokenizer_tables
-
     vocab, merges = tokenizer_tables(tokenizer)
     by_id = {i: text for text, i in vocab.items()}
     tokens, types = [], []
@@ -87,8 +88,6 @@ def check_outtype(outtype: str) -> None:
 
 def check_gguf_export(model: GPT, tokenizer: Tokenizer | None, outtype: str) -> None:
     """Refuse, before writing anything, what a GGUF file for llama.cpp cannot hold."""
-    from .tokenizer_files import tokenizer_tables
-
     check_outtype(outtype)
     if model.config.pos_embedding != "learned":
         raise MiniGPT2Error(
@@ -105,7 +104,7 @@ def check_gguf_export(model: GPT, tokenizer: Tokenizer | None, outtype: str) -> 
             f"llama.cpp's GPT-2 tokenizer needs BPE merges and the {tokenizer.name} tokenizer has "
             "none; export a directory instead (transformers loads it with its tokenizer)"
         )
-    try:
+    try:  # here, and only a check: the optional [gguf] extra
         import gguf  # noqa: F401
     except ImportError:
         raise MiniGPT2Error(
@@ -115,10 +114,8 @@ def check_gguf_export(model: GPT, tokenizer: Tokenizer | None, outtype: str) -> 
 
 def write_gguf(model: GPT, path: str | os.PathLike, tokenizer: Tokenizer, outtype: str) -> None:
     """Write model and its vocabulary to path (atomically) as llama.cpp's GPT-2 GGUF."""
+    # here: the optional [gguf] extra, wanted by GGUF export only
     import gguf
-
-    from .checkpoint import write_atomic
-    from .pretrained import CONV1D_WEIGHTS, released_state
 
     check_gguf_export(model, tokenizer, outtype)
     config = model.config

@@ -13,8 +13,9 @@ import json
 from functools import cache
 from pathlib import Path
 
-from .errors import MiniGPT2Error
-from .tokenizer import GPT2_EOT, ByteTokenizer, TiktokenGPT2, Tokenizer, gpt2_from_ranks
+from ..data.tokenizer import GPT2_EOT, ByteTokenizer, TiktokenGPT2, Tokenizer, gpt2_from_ranks
+from ..errors import MiniGPT2Error
+from .checkpoint import write_atomic
 
 EOT_TEXT = "<|endoftext|>"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
@@ -143,8 +144,6 @@ def tokenizer_tables(tokenizer: Tokenizer) -> tuple[dict[str, int], list[tuple[s
 
 def write_tokenizer_files(tokenizer: Tokenizer, out: Path, max_length: int) -> list[str]:
     """Write the tokenizer files into out; returns the names written."""
-    from .checkpoint import write_atomic
-
     vocab, merges = tokenizer_tables(tokenizer)
     gpt2 = isinstance(tokenizer, TiktokenGPT2)
     files = {

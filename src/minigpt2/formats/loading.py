@@ -6,8 +6,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from ..data.tokenizer import get_tokenizer
+from ..errors import MiniGPT2Error
+from ..model.config import GPTConfig
+from ..model.gpt import GPT
+from ..model.lora import LoRAConfig, apply_lora, load_adapters, merge_lora
 from .checkpoint import BEST, LATEST, load_checkpoint, load_model_tensors
-from .errors import MiniGPT2Error
+from .hf_tokenizer import read_tokenizer_files
+from .nanogpt import is_nanogpt_file, load_nanogpt
+from .released import load_pretrained
 
 
 def find_checkpoint(spec: str, which: str = "best") -> Path | None:
@@ -31,15 +41,10 @@ def find_checkpoint(spec: str, which: str = "best") -> Path | None:
 def load_model(path: Path, **overrides):
     """A GPT and the header from a checkpoint file (ours, or nanoGPT's ckpt.pt); overrides
     replace model config fields that do not change the weights (dropout, attn_impl)."""
-    from .model import GPT, GPTConfig
-    from .nanogpt import is_nanogpt_file, load_nanogpt
-
     if is_nanogpt_file(path):
         return load_nanogpt(path, **overrides)
     tensors, header = load_checkpoint(path)
     if "lora" in header:  # adapters only: the base they name, adapters folded in
-        from .lora import build_lora_model, merge_lora
-
         return merge_lora(build_lora_model(tensors, header, str(path), **overrides)), header
     model = GPT(GPTConfig.from_dict({**header["model_config"], **overrides}))
     load_model_tensors(model, tensors)
@@ -50,8 +55,6 @@ def load_any(spec: str, which: str = "best", **overrides):
     """(model, checkpoint header or None) from what --model takes: a training out_dir, a
     checkpoint file, a released-layout directory or a preset name. overrides: as load_model's
     (a released model takes dropout only)."""
-    from .pretrained import load_pretrained
-
     path = find_checkpoint(spec, which)
     if path is not None:
         return load_model(path, **overrides)
@@ -67,9 +70,6 @@ def tokenizer_for(
     """The tokenizer of a model: override, else the one its checkpoint was trained with, else
     the files its directory ships (read offline), else gpt2 (released weights). source: what
     --model named; vocab_size: the model's, which the tokenizer must cover."""
-    from .tokenizer import get_tokenizer
-    from .tokenizer_files import read_tokenizer_files
-
     if override:
         tokenizer = get_tokenizer(override)
         _check_fits(tokenizer, header, vocab_size)
@@ -109,3 +109,38 @@ def _check_fits(tokenizer, header: dict | None, vocab_size: int | None) -> None:
             f"--tokenizer {tokenizer.name} has {tokenizer.vocab_size:,} ids and the model "
             f"{vocab_size:,}: it is not the model's tokenizer; pass the one it was trained with"
         )
+
+
+def build_lora_model(
+    tensors: dict, header: dict, source: str, base_dtype: torch.dtype | None = None, **overrides
+) -> nn.Module:
+    """The base a LoRA checkpoint names, with its adapters loaded (not merged)."""
+    saved = header["lora"]
+    try:
+        model, _ = load_any(saved["base"], **overrides)
+    except MiniGPT2Error as e:
+        raise MiniGPT2Error(
+            f"{source} holds adapters for base model {saved['base']!r}, which cannot be "
+            f"loaded ({e}); put that model back where it was"
+        ) from None
+    check_base(model, header["model_config"], source)
+    cfg = LoRAConfig(saved["r"], saved["alpha"], saved["dropout"], tuple(saved["targets"]))
+    apply_lora(model, cfg, base_dtype)
+    adapters = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    load_adapters(model, adapters, source)
+    return model
+
+
+def check_base(model: nn.Module, saved_config: dict, source: str) -> None:
+    """Refuse a base of another shape than the one the adapters were trained on; crop its
+    context to the trained one."""
+    config = model.config
+    shape = ("vocab_size", "n_layer", "n_head", "n_embd", "bias")
+    differ = [k for k in shape if getattr(config, k) != saved_config[k]]
+    if differ or config.block_size < saved_config["block_size"]:
+        raise MiniGPT2Error(
+            f"{source}: the adapters were trained on a base with another shape "
+            f"({', '.join(differ) or 'block_size'} differ); pass the base they were trained on"
+        )
+    if config.block_size > saved_config["block_size"]:
+        model.crop_block_size(saved_config["block_size"])

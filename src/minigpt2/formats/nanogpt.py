@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .errors import MiniGPT2Error
-from .model import GPT, GPTConfig
-from .tokenizer import GPT2_TIKTOKEN_SHA256, TiktokenGPT2
+from ..data.tokenizer import GPT2_TIKTOKEN_SHA256, TiktokenGPT2
+from ..errors import MiniGPT2Error
+from ..model.config import GPTConfig
+from ..model.gpt import GPT
 
 GPT2_VOCABS = (50257, 50304)  # GPT-2's, and nanoGPT's default rounded up to a multiple of 64
 _SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")

@@ -15,10 +15,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+from ..errors import MiniGPT2Error
+from ..model.config import GPTConfig
+from ..model.gpt import GPT, RELEASED_LAYOUT
 from .checkpoint import write_atomic
-from .errors import MiniGPT2Error
-from .model import GPT, GPTConfig
+from .hf_tokenizer import write_tokenizer_files
 
 HUB_NAMES = {
     "gpt2": "openai-community/gpt2",
@@ -51,9 +55,10 @@ def resolve_pretrained_dir(name_or_dir: str | os.PathLike) -> Path:
             f"{name!r} is neither a directory nor a released model; pass a directory holding "
             f"config.json and model.safetensors, or one of: {', '.join(HUB_NAMES)}"
         )
-    try:
-        from huggingface_hub import snapshot_download
+    # here for start-up time: huggingface_hub's download modules take about 0.3 s to import
+    from huggingface_hub import snapshot_download
 
+    try:
         return Path(snapshot_download(repo, allow_patterns=[_CONFIG_FILE, "model.safetensors"]))
     except Exception as e:  # offline, no cache, Hub down: all mean "give me a local copy"
         raise MiniGPT2Error(
@@ -93,8 +98,6 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of the weight file(s) in directory, on the CPU."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     st, index, pt = (directory / f for f in _WEIGHT_FILES)
     try:
@@ -230,8 +233,6 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> l
     """Write config.json, model.safetensors, generation_config.json and, given the model's
     tokenizer, its files (vocab.json, merges.txt, tokenizer.json, ...). Each file goes to a
     temporary name renamed into place. Returns the names written."""
-    from safetensors.torch import save_file
-
     model = getattr(model, "_orig_mod", model)
     if model.config.pos_embedding != "learned":
         raise MiniGPT2Error(
@@ -262,7 +263,8 @@ def save_pretrained(model: GPT, out_dir: str | os.PathLike, tokenizer=None) -> l
         write_atomic(out / name, lambda p, t=text: Path(p).write_text(t + "\n"))
     written = ["model.safetensors", *texts]
     if tokenizer is not None:
-        from .tokenizer_files import write_tokenizer_files
-
         written += write_tokenizer_files(tokenizer, out, model.config.block_size)
     return written
+
+
+RELEASED_LAYOUT.update(load=load_pretrained, save=save_pretrained)  # GPT.from_pretrained's hook

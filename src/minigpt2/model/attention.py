@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from .model import GPTConfig
+    from .config import GPTConfig
 
 
 class KVCache:

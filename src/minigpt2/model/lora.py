@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 
 # the targets a user may name (PEFT's GPT-2 module names) -> the layers' own names they match
 TARGETS = {
@@ -161,85 +161,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(True)
     return model
-
-
-def build_lora_model(
-    tensors: dict, header: dict, source: str, base_dtype: torch.dtype | None = None, **overrides
-) -> nn.Module:
-    """The base a LoRA checkpoint names, with its adapters loaded (not merged)."""
-    from .loading import load_any
-
-    saved = header["lora"]
-    try:
-        model, _ = load_any(saved["base"], **overrides)
-    except MiniGPT2Error as e:
-        raise MiniGPT2Error(
-            f"{source} holds adapters for base model {saved['base']!r}, which cannot be "
-            f"loaded ({e}); put that model back where it was"
-        ) from None
-    check_base(model, header["model_config"], source)
-    cfg = LoRAConfig(saved["r"], saved["alpha"], saved["dropout"], tuple(saved["targets"]))
-    apply_lora(model, cfg, base_dtype)
-    adapters = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
-    load_adapters(model, adapters, source)
-    return model
-
-
-def check_base(model: nn.Module, saved_config: dict, source: str) -> None:
-    """Refuse a base of another shape than the one the adapters were trained on; crop its
-    context to the trained one."""
-    config = model.config
-    shape = ("vocab_size", "n_layer", "n_head", "n_embd", "bias")
-    differ = [k for k in shape if getattr(config, k) != saved_config[k]]
-    if differ or config.block_size < saved_config["block_size"]:
-        raise MiniGPT2Error(
-            f"{source}: the adapters were trained on a base with another shape "
-            f"({', '.join(differ) or 'block_size'} differ); pass the base they were trained on"
-        )
-    if config.block_size > saved_config["block_size"]:
-        model.crop_block_size(saved_config["block_size"])
-
-
-def peft_adapter(tensors: dict[str, torch.Tensor], saved: dict) -> tuple[dict, dict]:
-    """(adapter_model.safetensors tensors, adapter_config.json) in PEFT's LoRA format."""
-    out = {}
-    for name, value in tensors.items():
-        module, _, kind = name.removeprefix("model.").rpartition(".")  # kind: lora_A / lora_B
-        out[f"base_model.model.{module}.{kind}.weight"] = value.detach().float().contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": saved["base"],
-        "r": saved["r"],
-        "lora_alpha": saved["alpha"],
-        "lora_dropout": saved["dropout"],
-        "target_modules": list(saved["targets"]),
-        "fan_in_fan_out": True,  # GPT-2's Conv1D layers store weights (in, out)
-        "bias": "none",
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-    }
-    return out, config
-
-
-def save_peft_adapter(tensors: dict[str, torch.Tensor], saved: dict, out_dir) -> list[str]:
-    """Write adapter_model.safetensors + adapter_config.json (PEFT's LoRA layout) into out_dir."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from .checkpoint import write_atomic
-
-    weights, config = peft_adapter(tensors, saved)
-    out = Path(out_dir)
-    write_atomic(
-        out / "adapter_model.safetensors",
-        lambda p: save_file(weights, p, metadata={"format": "pt"}),
-    )
-    text = json.dumps(config, indent=2) + "\n"
-    write_atomic(out / "adapter_config.json", lambda p: Path(p).write_text(text))
-    return ["adapter_model.safetensors", "adapter_config.json"]

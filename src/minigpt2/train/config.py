@@ -5,13 +5,16 @@ Key names follow nanoGPT's train.py where one exists.
 
 from __future__ import annotations
 
+import inspect
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import MiniGPT2Error
-from .model import POS_EMBEDDINGS
-from .records import DATA_FORMATS
+from ..data.records import DATA_FORMATS
+from ..errors import MiniGPT2Error
+from ..model.config import POS_EMBEDDINGS
+from ..model.lora import LoRAConfig
 
 
 @dataclass
@@ -157,8 +160,6 @@ class TrainConfig:
 
     def lora(self):
         """The run's LoRAConfig (lora_r > 0), from the lora_* keys."""
-        from .lora import LoRAConfig
-
         targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         return LoRAConfig(self.lora_r, self.lora_alpha, self.lora_dropout, targets)
 
@@ -182,8 +183,6 @@ class TrainConfig:
 
 def _field_comments() -> dict[str, str]:
     """Each TrainConfig key's comment in this file: what the key does, written once."""
-    import inspect
-    import re
 
     try:
         source = inspect.getsource(TrainConfig)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
 
 
 @dataclass
@@ -114,7 +115,6 @@ def wrap_model(model: torch.nn.Module, ctx: DistContext, device: torch.device):
     model is already sharded: see sharding.py)."""
     if not ctx.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
 

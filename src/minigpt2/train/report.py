@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from .checkpoint import write_atomic
-from .device import peak_flops
+from ..decode.generate import Generator, SamplingConfig
+from ..device import peak_flops
+from ..formats.checkpoint import write_atomic
 
 METRICS = "metrics.jsonl"
 
@@ -30,8 +32,6 @@ class Reporter:
     """Progress bar, metrics file and closing outputs of a Trainer."""
 
     def __init__(self, trainer) -> None:
-        from tqdm import tqdm
-
         self.t = trainer
         self.active = trainer.dist.is_main
         cfg = trainer.cfg
@@ -156,6 +156,7 @@ class Reporter:
 
 def plot_losses(metrics: Path, out: Path) -> bool:
     """loss.png from metrics.jsonl when matplotlib is installed (the [plot] extra)."""
+    # here: the optional [plot] extra
     try:
         import matplotlib
 
@@ -192,8 +193,6 @@ def plot_losses(metrics: Path, out: Path) -> bool:
 def sample_text(trainer) -> str:
     """A short sample from the trained model, seeded by the run's seed: a continuation of
     sample_prompt, or for record data the response to the first validation record's prompt."""
-    from .generate import Generator, SamplingConfig
-
     cfg, tok = trainer.cfg, trainer.tokenizer
     prompt = tok.encode(cfg.sample_prompt) or [tok.eot_id]
     records = trainer.data_format != "text"

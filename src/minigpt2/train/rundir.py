@@ -13,8 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import BEST, LATEST
-from .errors import MiniGPT2Error
+from ..errors import MiniGPT2Error
+from ..formats.checkpoint import BEST, LATEST
 
 LOCK = ".lock"
 # What a run leaves in its out_dir; overwrite=true removes these before a fresh run starts, so no

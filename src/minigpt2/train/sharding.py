@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 import torch
 
-from .checkpoint import CheckpointFile
-from .errors import MiniGPT2Error
-from .model import GPT, GPTConfig, init_tensor
+from ..errors import MiniGPT2Error
+from ..formats.checkpoint import CheckpointFile
+from ..model.config import GPTConfig
+from ..model.gpt import GPT, init_tensor
 
 # rows_of(name, start, stop): rows start:stop of the full tensor of parameter name
 RowSource = Callable[[str, int, int], torch.Tensor]
@@ -20,6 +21,7 @@ def sharded_model(config: GPTConfig, device: torch.device, dtype: torch.dtype) -
     """A GPT with every parameter sharded over the ranks (one FSDP unit per block, and the
     root, which holds the tied embedding), its shards allocated on device but not filled.
     In bfloat16 the shards are gathered and computed in bfloat16, gradients reduced in float32."""
+    # here for start-up time: torch's FSDP modules take about 0.7 s to import
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy()
@@ -87,6 +89,7 @@ def sharded_state_reader(f: CheckpointFile, model: GPT):
     """read(parameter, tensor name) for checkpoint.optimizer_state: a state tensor shaped
     like its parameter is read as this rank's rows only (a DTensor like the parameter); a
     step count whole, as every rank keeps it."""
+    # here for start-up time (about 0.7 s), as above
     from torch.distributed.tensor import DTensor
 
     def read(param: str, name: str) -> torch.Tensor:
@@ -102,6 +105,7 @@ def sharded_state_reader(f: CheckpointFile, model: GPT):
 
 
 def _full_options(**kw):
+    # here for start-up time (about 0.9 s), as above
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
     return StateDictOptions(full_state_dict=True, **kw)
@@ -109,6 +113,7 @@ def _full_options(**kw):
 
 def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded weights, on rank 0's CPU (a collective: every rank calls it)."""
+    # here for start-up time (about 0.9 s), as above
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_full_options(cpu_offload=True))
@@ -116,6 +121,7 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def full_optimizer_state(model, optimizer) -> dict[str, dict]:
     """Unsharded optimizer state by parameter name, on rank 0 (a collective)."""
+    # here for start-up time (about 0.9 s), as above
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     osd = get_optimizer_state_dict(model, optimizer, options=_full_options(cpu_offload=True))

@@ -6,16 +6,18 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .batches import open_corpus
+from ..data.batches import open_corpus
+from ..data.records import RECORD_FORMATS, is_records_path, load_records
+from ..data.tokenizer import Tokenizer
+from ..errors import MiniGPT2Error
+from ..formats import checkpoint as ckpt
+from ..formats.loading import build_lora_model, find_checkpoint, load_model
+from ..formats.released import load_pretrained
+from ..model.config import GPTConfig
+from ..model.gpt import GPT
+from ..model.lora import apply_lora
 from .config import TrainConfig
-from .errors import MiniGPT2Error
-from .loading import find_checkpoint, load_model
-from .lora import apply_lora, build_lora_model
-from .model import GPT, GPTConfig
-from .records import RECORD_FORMATS, is_records_path, load_records
 from .sharding import fill_shards, fill_with_init, rows_of_checkpoint, rows_of_model, sharded_model
-from .tokenizer import Tokenizer
 
 
 def scratch_config(cfg: TrainConfig, tokenizer: Tokenizer) -> GPTConfig:
@@ -101,7 +103,6 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
             f"pos_embedding={cfg.pos_embedding} applies to init_from=scratch; a model to "
             "fine-tune brings its own positions (leave pos_embedding unset)"
         )
-    from .pretrained import load_pretrained
 
     path = find_checkpoint(cfg.init_from)
     if path is None:

@@ -13,10 +13,13 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint as ckpt
-from .batches import Batch, Batches, RecordBatches
+from ..data.batches import Batch, Batches, RecordBatches
+from ..data.tokenizer import get_tokenizer
+from ..device import autocast, resolve_device, resolve_dtype, set_threads, use_tf32
+from ..errors import MiniGPT2Error
+from ..evaluate.scoring import hellaswag_correct, hellaswag_groups, read_hellaswag
+from ..formats import checkpoint as ckpt
 from .config import TrainConfig
-from .device import autocast, resolve_device, resolve_dtype, set_threads, use_tf32
 from .distributed import (
     all_gathered,
     in_turns,
@@ -27,12 +30,11 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
-from .errors import MiniGPT2Error
 from .optim import build_optimizer, lr_at
+from .report import Reporter
 from .rundir import RunLock, check_fresh, clear_run
 from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
 from .startup import open_data, start_model
-from .tokenizer import get_tokenizer
 
 EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
 
@@ -164,8 +166,6 @@ class Trainer:
 
     def _read_hellaswag(self) -> tuple[list, list[int]]:
         """HellaSwag's examples, tokenized once, and their labels."""
-        from .evaluate import hellaswag_groups, read_hellaswag
-
         if self.cfg.fsdp:
             raise MiniGPT2Error(
                 "hellaswag during training does not run with fsdp=true; score a checkpoint "
@@ -268,8 +268,6 @@ class Trainer:
 
     def _hellaswag(self) -> dict[str, float]:
         """HellaSwag acc and acc_norm; rank r scores examples r, r + world, ..."""
-        from .evaluate import hellaswag_correct
-
         groups, labels = self.hellaswag
         mine = slice(self.dist.rank, None, self.dist.world_size)
         with autocast(self.device, self.dtype):
@@ -324,8 +322,6 @@ class Trainer:
 
     def run(self) -> dict:
         """Train to max_iters (or evaluate only); returns a summary."""
-        from .report import Reporter
-
         self.t_start = time.perf_counter()
         clean = False
         try:

@@ -20,9 +20,9 @@ from functools import cache
 import torch
 from torch import nn
 
-from .attention import KVCache
-from .errors import MiniGPT2Error
-from .model import GPT, SinusoidalPositions
+from ...errors import MiniGPT2Error
+from ...model.attention import KVCache
+from ...model.gpt import GPT, SinusoidalPositions
 
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native.h's F32, BF16, INT8
 
@@ -57,7 +57,7 @@ class _Model(ctypes.Structure):
 @cache
 def _library() -> ctypes.CDLL | None:
     """The built native.c with its signatures, or None where it was not built or cannot run."""
-    spec = importlib.util.find_spec("minigpt2._native")
+    spec = importlib.util.find_spec("minigpt2.decode.native._native")
     if spec is None or spec.origin is None:
         return None
     lib = ctypes.CDLL(spec.origin)
