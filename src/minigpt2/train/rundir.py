@@ -15,6 +15,8 @@ from pathlib import Path
 
 from ..errors import MiniGPT2Error
 from ..formats.checkpoint import BEST, LATEST
+from .config import TrainConfig
+from .distributed import DistContext, all_gathered
 
 LOCK = ".lock"
 # What a run leaves in its out_dir; overwrite=true removes these before a fresh run starts, so no
@@ -129,3 +131,22 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def claim_out_dir(cfg: TrainConfig, dist: DistContext) -> RunLock:
+    """Rank 0 takes out_dir's lock and makes sure a fresh run replaces no run there unless told
+    to (overwrite); every rank hears the outcome, so all stop together on a refusal. Other
+    ranks get a lock that holds nothing."""
+    lock, error = RunLock(Path(cfg.out_dir)), None
+    if dist.is_main:
+        try:
+            lock.acquire()
+            if cfg.init_from != "resume":
+                check_fresh(lock.out_dir, cfg.overwrite)
+        except MiniGPT2Error as e:
+            lock.release()
+            error = str(e)
+    error = all_gathered(error, dist)[0]
+    if error:
+        raise MiniGPT2Error(error)
+    return lock

@@ -32,7 +32,7 @@ from .distributed import (
 )
 from .optim import build_optimizer, lr_at
 from .report import Reporter
-from .rundir import RunLock, check_fresh, clear_run
+from .rundir import RunLock, claim_out_dir, clear_run
 from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
 from .startup import open_data, start_model
 
@@ -70,9 +70,18 @@ class Trainer:
         device = resolve_device(cfg.device)
         self.dist, self.device = init_distributed(device, cfg.dist_timeout)
         self.lock: RunLock | None = None
+        try:
+            self._prepare()
+        except BaseException:  # leave the process group, or gloo aborts the process at exit
+            shutdown(self.dist, wait_for_all=False)
+            raise
+
+    def _prepare(self) -> None:
+        """Everything the run needs before its first step, on every rank."""
+        cfg = self.cfg
         if not cfg.eval_only:  # refused before the data and model take their time; run()
-            self._claim_out_dir()  # takes out_dir for good: until then, nothing is written
-            self.close()
+            claim_out_dir(cfg, self.dist).release()  # takes it for good: until then, nothing
+            # is written
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         use_tf32(self.device, cfg.tf32)
         self.tokenizer = get_tokenizer(cfg.tokenizer)
@@ -94,24 +103,6 @@ class Trainer:
             resume = ckpt.CheckpointFile(Path(cfg.out_dir) / ckpt.LATEST)
         with resume or contextlib.nullcontext():
             self._set_up(data, resume)
-
-    def _claim_out_dir(self) -> None:
-        """Rank 0 takes out_dir's lock and makes sure a fresh run replaces no run there unless
-        told to (overwrite); every rank hears the outcome, so all stop together."""
-        held, error = None, None
-        if self.dist.is_main:
-            try:
-                held = RunLock(Path(self.cfg.out_dir)).acquire()
-                if self.cfg.init_from != "resume":
-                    check_fresh(Path(self.cfg.out_dir), self.cfg.overwrite)
-            except MiniGPT2Error as e:
-                if held is not None:
-                    held.release()
-                held, error = None, str(e)
-        error = all_gathered(error, self.dist)[0]
-        if error:
-            raise MiniGPT2Error(error)
-        self.lock = held
 
     def close(self) -> None:
         """Give out_dir up (run() does at its end)."""
@@ -328,8 +319,8 @@ class Trainer:
             if self.cfg.eval_only:
                 clean = True
                 return {"eval_only": True, **self._evaluation()}
-            self._claim_out_dir()
-            if self.lock is not None and self.cfg.overwrite and self.cfg.init_from != "resume":
+            self.lock = claim_out_dir(self.cfg, self.dist)
+            if self.dist.is_main and self.cfg.overwrite and self.cfg.init_from != "resume":
                 clear_run(self.lock.out_dir)  # the model was read already: it may come from there
             reporter = Reporter(self)
             with Interrupted() as interrupted:
