@@ -195,8 +195,8 @@ def test_open_corpus_accepts_a_prepared_directory(tmp_path):
         ("hf:", "needs a dataset name"),
     ],
 )
-def test_bad_sources(tmp_path, spec, message):
-    os.chdir(tmp_path)
+def test_bad_sources(tmp_path, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)  # and back: later tests start processes from the cwd
     with pytest.raises(MiniGPT2Error, match=message):
         prepare(spec, BYTE, cache_dir=tmp_path / "c", progress=False)
 
