@@ -316,3 +316,11 @@ def test_decoding_layout_keeps_logits_and_tokens(pack):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
     cfg = SamplingConfig(max_new_tokens=20, greedy=True)
     assert Generator(laid_out).generate(prompts, cfg) == Generator(model).generate(prompts, cfg)
+
+
+def test_cli_no_native_gives_the_same_float32_greedy_tokens(byte_run, tmp_path):
+    args = ["--model", str(byte_run), "--prompt", "the", "--greedy", "--max-new-tokens", "20"]
+    native = sample_cli(*args, "--json", cwd=tmp_path)
+    plain = sample_cli(*args, "--json", "--no-native", cwd=tmp_path)
+    assert native.returncode == 0 and plain.returncode == 0, plain.stderr
+    assert json.loads(native.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]

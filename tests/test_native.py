@@ -151,3 +151,70 @@ def test_laid_out_models_still_copy_and_bad_steps_are_refused():
     cache.pos = 2
     with pytest.raises(MiniGPT2Error, match="position 2 of a cache of 2"):
         gen.native.step(1, cache)
+
+
+def test_lora_layers_make_the_model_decline_the_native_path():
+    """An unmerged LoRA model decodes as its merged self, not as its frozen base."""
+    from minigpt2.model.lora import LoRAConfig, apply_lora, merge_lora
+
+    model = odd_model()
+    apply_lora(model, LoRAConfig(4, 8.0, 0.0, ("c_attn", "c_fc")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # trained adapters: B is zero only at the start
+    model.eval()
+    assert NativeDecoder.for_model(model) is None
+    cfg = SamplingConfig(max_new_tokens=20, greedy=True)
+    prompt = [[1, 2, 3, 4, 5]]
+    unmerged = Generator(model).generate(prompt, cfg)
+    merged = Generator(merge_lora(copy.deepcopy(model)).eval(), native=False).generate(prompt, cfg)
+    assert unmerged == merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_changed_in_place_are_seen(dtype):
+    """load_state_dict keeps every address; the decoder notices the new values all the same."""
+    model, other = odd_model().to(dtype), odd_model().to(dtype)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    cfg = SamplingConfig(max_new_tokens=15, greedy=True)
+    gen = Generator(model)
+    gen.generate([[1, 2, 3]], cfg)  # builds the decoder on the first model's weights
+    model.load_state_dict(other.state_dict())
+    assert gen.generate([[1, 2, 3]], cfg) == Generator(other).generate([[1, 2, 3]], cfg)
+    layer = NativeLinear(66, 30).eval()
+    x = torch.randn(2, 66)
+    with torch.inference_mode():
+        layer(x)
+        layer.bias.fill_(100.0)
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+def test_step_guards_positions_and_caches():
+    model = odd_model()
+    decoder = NativeDecoder(model)
+    room = model.config.block_size + 8  # a cache longer than the position table
+    cache = KVCache(model.config, 1, room, "cpu", torch.float32)
+    with torch.inference_mode():
+        model.hidden_states(torch.tensor([[1, 2, 3]]), cache)
+        cache.pos = model.config.block_size - 1
+        decoder.step(4, cache)  # the last position there is
+        with pytest.raises(MiniGPT2Error, match="the model has 40 positions"):
+            decoder.step(4, cache)
+        small = KVCache(
+            GPTConfig(**{**vars(model.config), "n_layer": 1}), 1, 8, "cpu", torch.float32
+        )
+        with pytest.raises(MiniGPT2Error, match="not this model's float32 one-sequence cache"):
+            decoder.step(4, small)
+    with torch.inference_mode(), pytest.raises(MiniGPT2Error, match="input of width 65"):
+        NativeLinear(66, 30)(torch.randn(1, 65))  # nn.Linear raises too; before: NaN
+
+
+def test_minigpt2_native_0_switches_it_off(monkeypatch):
+    monkeypatch.setenv("MINIGPT2_NATIVE", "0")
+    assert not native_available()
+    gen = Generator(odd_model())
+    gen.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=3, greedy=True))
+    assert gen.native is None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 import numpy as np
@@ -54,6 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
     p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
     p.add_argument(
+        "--no-native",
+        action="store_true",
+        help="decode in PyTorch only, never in the native decoder (as MINIGPT2_NATIVE=0 does)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -73,6 +79,8 @@ def eval_main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     set_threads(args.threads)
+    if args.no_native:  # the switch the native decoder reads, for this whole process
+        os.environ["MINIGPT2_NATIVE"] = "0"
     if args.task not in TASKS:
         raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     if args.split not in ("all", "val"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -73,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
     p.add_argument(
+        "--no-native",
+        action="store_true",
+        help="decode in PyTorch only, never in the native decoder (as MINIGPT2_NATIVE=0 does)",
+    )
+    p.add_argument(
         "--threads",
         type=int,
         default=0,
@@ -109,6 +115,8 @@ def sample_main(argv: list[str]) -> int:
 
     args = parser().parse_args(argv)
     set_threads(args.threads)
+    if args.no_native:  # the switch the native decoder reads, for this whole process
+        os.environ["MINIGPT2_NATIVE"] = "0"
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("num_samples", "batch_size", "max_new_tokens", "max_length"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 import weakref
 from ctypes import POINTER, c_float, c_int, c_int32, c_void_p
 from functools import cache
@@ -23,6 +24,7 @@ from torch import nn
 from ...errors import MiniGPT2Error
 from ...model.attention import KVCache
 from ...model.gpt import GPT, SinusoidalPositions
+from ...model.lora import LoRALinear
 
 TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # native.h's F32, BF16, INT8
 
@@ -74,9 +76,15 @@ def _library() -> ctypes.CDLL | None:
 
 
 def native_available() -> bool:
-    """Whether the native decoder was built and this CPU runs it (x86-64 with AVX-512 or
-    AVX2)."""
-    return _library() is not None
+    """Whether the native decoder was built, this CPU runs it (x86-64 with AVX-512 or AVX2),
+    and it is not switched off (MINIGPT2_NATIVE=0, or --no-native on the command line)."""
+    return os.environ.get("MINIGPT2_NATIVE", "1") != "0" and _library() is not None
+
+
+def _versions(*tensors: torch.Tensor | None) -> tuple:
+    """Where each tensor lives and how often it was changed in place: a copy made from it
+    is stale when either moved (load_state_dict keeps the address, not the version)."""
+    return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
 def instruction_set(wanted: str | None = None) -> str:
@@ -118,10 +126,16 @@ def _float_copy(t: torch.Tensor | None, keep: list[torch.Tensor]) -> int | None:
 
 def native_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """layer(x) for a few rows in native.c: each weight read once for all rows, in float32."""
+    if x.device.type != "cpu" or x.shape[-1] != layer.weight.shape[1]:
+        raise MiniGPT2Error(
+            f"native linear: input of width {x.shape[-1]} on {x.device}, the layer takes "
+            f"{layer.weight.shape[1]} on the CPU"
+        )
+    state = _versions(layer.weight, layer.bias, getattr(layer, "scales", None))
     built = _described.get(layer)
-    if built is None or built[0] != layer.weight.data_ptr():  # weights replaced: describe anew
+    if built is None or built[0] != state:  # weights replaced or changed: describe anew
         keep: list[torch.Tensor] = []
-        built = (layer.weight.data_ptr(), linear_struct(layer, keep), keep)
+        built = (state, linear_struct(layer, keep), keep)
         _described[layer] = built
     rows = x.reshape(-1, x.shape[-1]).float().contiguous()
     out = torch.empty(rows.shape[0], built[1].rows)
@@ -147,6 +161,8 @@ class NativeLinear(nn.Linear):
 def _reads(model: GPT) -> bool:
     """Whether native.c runs here and model's weights are of a kind it reads (on the CPU)."""
     weight = model.transformer.wte.weight
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        return False  # adapters add B A x to the base product: native.c reads the base alone
     return native_available() and weight.device.type == "cpu" and weight.dtype in TYPES
 
 
@@ -182,9 +198,8 @@ class NativeDecoder:
         wte = t.wte.weight.detach()
         self._keep.append(wte)
         m.wte, m.wte_type = wte.data_ptr(), TYPES[wte.dtype]
-        m.wpe = self._vector(
-            t.wpe.table if isinstance(t.wpe, SinusoidalPositions) else t.wpe.weight
-        )
+        positions = t.wpe.table if isinstance(t.wpe, SinusoidalPositions) else t.wpe.weight
+        m.wpe, self.block = self._vector(positions), positions.shape[0]
         m.lnf_w, m.lnf_b = self._vector(t.ln_f.weight), self._vector(t.ln_f.bias)
         m.n_layer, m.n_head, m.n_embd = cfg.n_layer, cfg.n_head, cfg.n_embd
         m.gelu_exact, m.eps = cfg.gelu == "exact", cfg.layer_norm_epsilon
@@ -209,12 +224,12 @@ class NativeDecoder:
             return None
 
     @staticmethod
-    def _weights_of(model: GPT) -> list[int]:
-        return [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+    def _weights_of(model: GPT) -> tuple:
+        return _versions(*model.parameters(), *model.buffers())
 
     def current(self) -> bool:
-        """Whether the model still holds the weights this decoder reads (not moved or
-        replaced since): a float32 copy of a bias would not see a new one."""
+        """Whether the model still holds the weights this decoder reads, unchanged (not moved,
+        replaced or written in place since): a float32 copy of a bias would not see a new one."""
         return self._weights_of(self._source) == self._pointers
 
     def fits(self, cache: KVCache | None, ids: torch.Tensor) -> bool:
@@ -222,6 +237,10 @@ class NativeDecoder:
         cache of this model's shape on the CPU."""
         if cache is None or ids.shape != (1, 1) or cache.mask is not None:
             return False
+        return self._cache_fits(cache)
+
+    def _cache_fits(self, cache: KVCache) -> bool:
+        """Whether cache is a float32 CPU cache of this model's shape for one sequence."""
         m, kv = self.model, cache.kv
         shape = (m.n_layer, 2, 1, m.n_head, kv.shape[4], m.n_embd // m.n_head)
         return kv.shape == shape and kv.dtype is torch.float32 and kv.is_cpu and kv.is_contiguous()
@@ -232,11 +251,16 @@ class NativeDecoder:
     def step(self, token: int, cache: KVCache) -> torch.Tensor:
         """Logits (1, vocab) after token, which sits at cache.pos; its key and value are
         stored there and cache.pos moves on by one. The tensor is reused by the next step."""
+        if not self._cache_fits(cache):
+            raise MiniGPT2Error(
+                f"native step: a cache of shape {tuple(cache.kv.shape)} ({cache.kv.dtype}) is "
+                "not this model's float32 one-sequence cache on the CPU"
+            )
         room = cache.kv.shape[4]
-        if not (0 <= token < self.model.head.rows and cache.pos < room):
+        if not (0 <= token < self.model.head.rows and 0 <= cache.pos < min(room, self.block)):
             raise MiniGPT2Error(
                 f"native step: token {token} (vocabulary {self.model.head.rows}) at position "
-                f"{cache.pos} of a cache of {room}"
+                f"{cache.pos} of a cache of {room} (the model has {self.block} positions)"
             )
         if self.model.room != room:  # scratch holds a score per cached position
             self._work = torch.empty(
