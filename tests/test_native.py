@@ -1,6 +1,10 @@
 """The native decoder (native.c): its step and few-row products against PyTorch's numbers."""
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +13,13 @@ from conftest import write_hf_checkpoint
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig
 from minigpt2.decode.kernels import layout_for_inference
-from minigpt2.decode.native import NativeDecoder, NativeLinear, instruction_set, native_available
+from minigpt2.decode.native import (
+    NativeDecoder,
+    NativeLinear,
+    instruction_set,
+    native_available,
+    use_native_linears,
+)
 from minigpt2.decode.quantize import Int8Linear, quantize_for_decoding
 from minigpt2.model.attention import KVCache
 
@@ -218,3 +228,75 @@ def test_minigpt2_native_0_switches_it_off(monkeypatch):
     gen = Generator(odd_model())
     gen.generate([[1, 2, 3]], SamplingConfig(max_new_tokens=3, greedy=True))
     assert gen.native is None
+
+
+def test_two_threads_share_one_generator():
+    """Each thread decodes with a decoder of its own: both get the tokens they get alone."""
+    import threading
+
+    model = odd_model(n_layer=4, n_embd=132, block_size=200)
+    cfg = SamplingConfig(max_new_tokens=150, greedy=True)
+    prompts = [[1, 2, 3], [7, 8, 9, 10]]
+    alone = [Generator(model).generate([p], cfg) for p in prompts]
+    shared, got = Generator(model), {}
+
+    def run(i: int) -> None:
+        got[i] = [shared.generate([prompts[i]], cfg) for _ in range(3)]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got[0] == [alone[0]] * 3 and got[1] == [alone[1]] * 3
+
+
+def test_the_thread_count_is_read_at_each_step():
+    model = odd_model()
+    decoder, ids = NativeDecoder(model), torch.randint(0, 37, (1, 20))
+    before = torch.get_num_threads()
+    try:
+        first = steps(model, decoder, ids, 5)
+        torch.set_num_threads(1)
+        again = steps(model, decoder, ids, 5)
+        assert decoder.model.threads == 1
+    finally:
+        torch.set_num_threads(before)
+    assert torch.allclose(first, again, atol=1e-5)
+
+
+def test_native_linears_fall_back_after_a_change_of_dtype():
+    model = odd_model()
+    assert use_native_linears(model)
+    assert any(isinstance(m, NativeLinear) for m in model.modules())
+    model = model.half()  # weights the C code cannot read
+    ids = torch.randint(0, 37, (1, 4))
+    with torch.inference_mode():
+        out = model(ids)  # raised before
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+
+
+def test_int8_with_a_width_no_multiple_of_8_in_a_child(tmp_path):
+    """Prompts past 8 rows through the int8 fallback at width 66: torch's int8 kernel crashed
+    the process there, so this runs in a child process and compares with the dequantized
+    weights."""
+    script = tmp_path / "int8.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_native import odd_model\n"
+        "from minigpt2.decode.quantize import Int8Linear\n"
+        "layer = odd_model().transformer.h[0].attn.c_attn\n"
+        "q = Int8Linear(layer.weight, layer.bias)\n"
+        "x = torch.randn(12, 66)\n"
+        "with torch.inference_mode():\n"
+        "    out = q(x).float()\n"
+        "ref = x @ q.dequantized().T + layer.bias\n"
+        "print(float((out - ref).abs().max() / ref.abs().max()))\n"
+    )
+    env = {**os.environ, "MINIGPT2_NATIVE": "0"}  # the fallback path
+    child = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert child.returncode == 0, child.stderr
+    assert float(child.stdout) < 0.02  # bfloat16 activations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -113,8 +114,18 @@ class Generator:
         self.vocab = vocab  # padded ids past the tokenizer's are never picked
         self.device, self.dtype = wte.device, wte.dtype
         self.hidden_states = self.model.hidden_states
-        # one-sequence steps in native.c where it runs (decode/native), made at the first such call
-        self.use_native, self.native = native, None
+        # one-sequence steps in native.c where it runs (decode/native), made at the first such
+        # call, one per thread: a decoder's scratch and logits serve one step at a time
+        self.use_native, self._threads = native, threading.local()
+
+    @property
+    def native(self) -> NativeDecoder | None:
+        """This thread's native decoder, if one was made."""
+        return getattr(self._threads, "decoder", None)
+
+    @native.setter
+    def native(self, decoder: NativeDecoder | None) -> None:
+        self._threads.decoder = decoder
 
     def compile(self) -> Generator:
         """torch.compile the model's per-step computation (shapes vary: dynamic)."""
@@ -184,6 +195,7 @@ class Generator:
             if self.native is None or not self.native.current():  # first, or weights moved
                 self.native = NativeDecoder.for_model(self.model)
                 self.use_native = self.native is not None  # a model it cannot read stays so
+        native = self.native if self.use_native else None  # this thread's
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.pos + step_input.shape[1] > block:
@@ -194,8 +206,8 @@ class Generator:
                     cache.reset()
             if cache is not None and step_mask is not None:  # a padded batch starts
                 logits = self.prefill(step_input, step_mask, cache)
-            elif self.native is not None and self.native.fits(cache, step_input):
-                logits = self.native.step(int(step_input), cache)[:, : self.vocab]
+            elif native is not None and native.fits(cache, step_input):
+                logits = native.step(int(step_input), cache)[:, : self.vocab]
             else:
                 logits = self.logits(step_input, cache, step_mask)
             token = pick_tokens(process_logits(logits, cfg, seq), cfg, gens)

@@ -39,7 +39,10 @@ class Int8Linear(nn.Module):
         if x.shape[:-1].numel() <= self.NATIVE_ROWS and x.is_cpu and native_available():
             return native_linear(self, x)
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+        if self.weight.shape[1] % 8:  # the int8 kernel crashes past 8 rows on such widths
+            out = nn.functional.linear(rows, self.dequantized().to(rows.dtype))
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -153,7 +153,9 @@ class NativeLinear(nn.Linear):
     ROWS = 8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() > self.ROWS or torch.is_grad_enabled():
+        w = self.weight
+        readable = w.dtype in TYPES and w.device.type == "cpu"  # not after .half() or .cuda()
+        if x.shape[:-1].numel() > self.ROWS or torch.is_grad_enabled() or not readable:
             return super().forward(x)
         return native_linear(self, x)
 
@@ -262,11 +264,14 @@ class NativeDecoder:
                 f"native step: token {token} (vocabulary {self.model.head.rows}) at position "
                 f"{cache.pos} of a cache of {room} (the model has {self.block} positions)"
             )
-        if self.model.room != room:  # scratch holds a score per cached position
-            self._work = torch.empty(
-                _library().mg2_work_floats(self.model.n_embd, room, self.model.threads)
+        threads = torch.get_num_threads()  # read each step: torch.set_num_threads may change it
+        if self.model.room != room or self.model.threads != threads:  # scratch: per position
+            self._work = torch.empty(_library().mg2_work_floats(self.model.n_embd, room, threads))
+            self.model.work, self.model.room, self.model.threads = (
+                self._work.data_ptr(),
+                room,
+                threads,
             )
-            self.model.work, self.model.room = self._work.data_ptr(), room
         self.model.kv = cache.kv.data_ptr()
         _library().mg2_step(ctypes.byref(self.model), token, cache.pos, self.logits.data_ptr())
         cache.pos += 1
