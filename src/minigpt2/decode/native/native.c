@@ -53,12 +53,14 @@ long mg2_work_floats(int n_embd, int room, int threads) {
 
 static int level = -1;  /* 2: AVX-512, 1: AVX2, 0: neither; unset until first asked */
 
-/* The instruction set the kernels run in: 2 (AVX-512: F and BW), 1 (AVX2 and FMA) or 0
-   (neither: decode in PyTorch). */
+/* The instruction set the kernels run in: 2 (AVX-512: F, BW, DQ and VL, all that its kernels
+   are compiled for), 1 (AVX2 and FMA) or 0 (neither: decode in PyTorch). */
 int mg2_supported(void) {
     if (level < 0) {
         __builtin_cpu_init();
-        const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+        const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+            && __builtin_cpu_supports("fma");
         const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
         level = avx512 ? 2 : avx2 ? 1 : 0;
     }
