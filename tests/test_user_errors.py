@@ -287,3 +287,23 @@ def test_auto_threads_leave_busy_cores_alone(monkeypatch):
         torch.set_num_threads(before)
     with pytest.raises(MiniGPT2Error, match="threads=-1 must be 0"):
         set_threads(-1)
+
+
+@pytest.mark.parametrize("command", ["sample", "eval"])
+def test_a_negative_thread_count_is_one_line(byte_run, tmp_path, command, capsys):
+    args = [command, "--model", str(byte_run), "--threads", "-1"]
+    if command == "eval":
+        args += ["--task", "perplexity", "--data", str(tmp_path / "t.txt")]
+    assert main(args) == 2
+    assert "threads=-1 must be 0 (one per idle core) or more" in one_error_line(
+        capsys.readouterr().err
+    )
+
+
+def test_export_of_a_directory_onto_a_file_is_one_line(byte_run, tmp_path, capsys):
+    dest = tmp_path / "taken"
+    dest.write_text("someone's file")
+    assert main(["export", str(byte_run), str(dest), "--overwrite"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"{dest} is a file and this export writes a directory" in line
+    assert dest.read_text() == "someone's file"

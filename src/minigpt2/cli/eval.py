@@ -5,19 +5,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
 from ..data.batches import open_corpus
+from ..data.corpus import DECODE_ERRORS
 from ..decode.kernels import layout_for_inference
 from ..decode.quantize import check_scheme, quantize_for_decoding
-from ..device import resolve_device, resolve_dtype, set_threads
+from ..device import resolve_device, resolve_dtype
 from ..errors import MiniGPT2Error
 from ..evaluate.scoring import hellaswag, perplexity, perplexity_windows, read_hellaswag
 from ..formats.loading import load_any, tokenizer_for
+from .options import add_cpu_options, apply_cpu_options
 
 TASKS = ("perplexity", "hellaswag")
 HELLASWAG_HF = "hf:Rowan/hellaswag"
@@ -54,21 +55,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
     p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
-    p.add_argument(
-        "--no-native",
-        action="store_true",
-        help="decode in PyTorch only, never in the native decoder (as MINIGPT2_NATIVE=0 does)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for torch (0: one per core idle at the start)",
-    )
+    add_cpu_options(p)
     p.add_argument(
         "--decode-errors",
         default="strict",
-        choices=("strict", "replace"),
+        choices=DECODE_ERRORS,
         help="invalid UTF-8 in the text: an error, or replacement characters",
     )
     return p
@@ -78,9 +69,7 @@ def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
 
     args = parser().parse_args(argv)
-    set_threads(args.threads)
-    if args.no_native:  # the switch the native decoder reads, for this whole process
-        os.environ["MINIGPT2_NATIVE"] = "0"
+    apply_cpu_options(args)
     if args.task not in TASKS:
         raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     if args.split not in ("all", "val"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..data.corpus import META, prepare
+from ..data.corpus import DECODE_ERRORS, META, prepare
 from ..data.tokenizer import get_tokenizer
 
 
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.1, help="share held out")
     p.add_argument(
         "--decode-errors",
-        choices=("strict", "replace"),
+        choices=DECODE_ERRORS,
         default="strict",
         help="invalid UTF-8 in a file: stop, or read it as U+FFFD",
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -14,9 +13,10 @@ from ..data.records import RECORD_FORMATS, read_prompts, wrap_prompt
 from ..decode.generate import GenerationStats, Generator, SamplingConfig
 from ..decode.kernels import layout_for_inference
 from ..decode.quantize import check_scheme, quantize_for_decoding
-from ..device import resolve_device, resolve_dtype, set_threads
+from ..device import resolve_device, resolve_dtype
 from ..errors import MiniGPT2Error
 from ..formats.loading import load_any, tokenizer_for
+from .options import add_cpu_options, apply_cpu_options
 
 
 def parser() -> argparse.ArgumentParser:
@@ -73,17 +73,7 @@ def parser() -> argparse.ArgumentParser:
         help="int8: weight-only int8 (per output channel) with bfloat16 activations, in memory",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
-    p.add_argument(
-        "--no-native",
-        action="store_true",
-        help="decode in PyTorch only, never in the native decoder (as MINIGPT2_NATIVE=0 does)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=0,
-        help="CPU threads for torch (0: one per core idle at the start)",
-    )
+    add_cpu_options(p)
     return p
 
 
@@ -114,9 +104,7 @@ def sample_main(argv: list[str]) -> int:
     """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
 
     args = parser().parse_args(argv)
-    set_threads(args.threads)
-    if args.no_native:  # the switch the native decoder reads, for this whole process
-        os.environ["MINIGPT2_NATIVE"] = "0"
+    apply_cpu_options(args)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     for name in ("num_samples", "batch_size", "max_new_tokens", "max_length"):

@@ -36,6 +36,7 @@ from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 META = "meta.json"
+DECODE_ERRORS = ("strict", "replace")  # invalid UTF-8: an error, or U+FFFD
 CHUNK_CHARS = 1 << 18  # texts are tokenised in pieces of about this many characters
 BATCH_CHARS = 16 << 20  # characters handed to one batch-encode call (bounds memory)
 SHARD_TOKENS = 1 << 27  # 256 MiB of uint16 per shard
@@ -340,8 +341,8 @@ def prepare(
     """Tokenise a corpus into shards (or reuse a finished preparation) and return its directory."""
     if not 0.0 < val_fraction < 1.0:
         raise MiniGPT2Error(f"val_fraction={val_fraction} must be between 0 and 1")
-    if decode_errors not in ("strict", "replace"):
-        raise MiniGPT2Error(f"decode_errors={decode_errors!r}; use strict or replace")
+    if decode_errors not in DECODE_ERRORS:
+        raise MiniGPT2Error(f"decode_errors={decode_errors!r}; use {' or '.join(DECODE_ERRORS)}")
     source = resolve_source(spec, hf_split, text_column)
     identity = dict(
         format=FORMAT_VERSION,

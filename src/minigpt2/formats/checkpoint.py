@@ -78,6 +78,13 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def usual_mode(bits: int) -> int:
+    """bits as the process's umask leaves them: the mode open() or mkdir() would give."""
+    umask = os.umask(0)  # the only way to read it is to set it
+    os.umask(umask)
+    return bits & ~umask
+
+
 def write_atomic(path: Path, write) -> None:
     """Call write(tmp_path), fsync, then rename over path: readers see the old or the new file,
     never half of one. On failure (a full disk, say) the old file stays and the error is raised."""
@@ -86,9 +93,7 @@ def write_atomic(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        os.chmod(tmp, usual_mode(0o666))  # mkstemp makes 0600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

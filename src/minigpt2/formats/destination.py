@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import MiniGPT2Error
+from .checkpoint import usual_mode
 
 T = TypeVar("T")
 
@@ -34,12 +35,6 @@ def check_destination(dest: Path, overwrite: bool, directory: bool) -> None:
         )
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def replace_dir(dest: Path, write: Callable[[Path], T]) -> T:
     """write(folder) fills a new folder beside dest, which then takes dest's place; on any
     failure (a full disk, say) dest is left as it was and the new folder removed."""
@@ -53,7 +48,7 @@ def replace_dir(dest: Path, write: Callable[[Path], T]) -> T:
         ) from None
     try:
         result = write(new)
-        os.chmod(new, 0o777 & ~_umask())  # mkdtemp makes 0700; give the usual permissions
+        os.chmod(new, usual_mode(0o777))  # mkdtemp makes 0700
         _swap_in(new, dest)
         return result
     except MiniGPT2Error as e:  # write_atomic's message names the file in the new folder

@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from ..data.corpus import DECODE_ERRORS
 from ..data.records import DATA_FORMATS
 from ..errors import MiniGPT2Error
 from ..model.config import POS_EMBEDDINGS
@@ -104,7 +105,7 @@ class TrainConfig:
             "pos_embedding": POS_EMBEDDINGS,
             "data_format": DATA_FORMATS,
             "base_dtype": ("float32", "bfloat16"),
-            "decode_errors": ("strict", "replace"),
+            "decode_errors": DECODE_ERRORS,
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
