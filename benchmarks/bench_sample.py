@@ -2,7 +2,11 @@
 side by side, interleaved, same random weights, greedy, batch 1.
 
     python benchmarks/bench_sample.py [--new-tokens 200] [--prompt-tokens 16] [--repeats 3] \
-        [--llama-cpp BIN_DIR --tokenizer PATH/gpt2.tiktoken]
+        [--llama-cpp BIN_DIR --tokenizer PATH/gpt2.tiktoken] [--busy N] [--rows float32,...] \
+        [--no-transformers]
+
+--busy N runs N other processes, each busy on one core, for the whole timing: the cores are
+shared, as in a server beside its HTTP threads or a machine doing other work.
 
 Each repeat runs every engine once per row, who goes first alternating; the ratio to
 llama.cpp is the median of each repeat's back-to-back pair (with their range), which the
@@ -50,7 +54,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--llama-cpp", default=None, help="directory holding llama-bench")
     p.add_argument("--tokenizer", default=None, help="gpt2.tiktoken, for the GGUF vocabulary")
+    p.add_argument("--no-transformers", action="store_true", help="time only ours and llama.cpp")
+    p.add_argument("--busy", type=int, default=0, help="processes kept busy on a core meanwhile")
+    p.add_argument("--rows", default=",".join(ROWS), help="which of " + ", ".join(ROWS))
     args = p.parse_args()
+    rows = [r for r in ROWS if r in args.rows.split(",")]
     import transformers
 
     from minigpt2 import GPT, GPTConfig
@@ -65,9 +73,10 @@ def main() -> None:
     hf = {
         d: transformers.GPT2LMHeadModel.from_pretrained(tmp.name, dtype=getattr(torch, d)).eval()
         for d in ("float32", "bfloat16")
+        if d in rows and not args.no_transformers
     }
     gens = {}
-    for row in ROWS:
+    for row in rows:
         model = GPT(GPTConfig.preset("gpt2")).eval()
         model.load_state_dict(state)
         if row == "int8":
@@ -83,7 +92,8 @@ def main() -> None:
         tok = get_tokenizer(args.tokenizer or "gpt2")
         source = GPT(GPTConfig.preset("gpt2"))
         source.load_state_dict(state)
-        for row, kind in LLAMA_TYPES.items():
+        for row in rows:
+            kind = LLAMA_TYPES[row]
             gguf[row] = Path(tmp.name) / f"gpt2-{kind}.gguf"
             write_gguf(source, gguf[row], tok, kind)
     prompt = torch.randint(0, 50257, (1, args.prompt_tokens))
@@ -93,7 +103,8 @@ def main() -> None:
     print(
         f"gpt2 shape, {matrices:,} matrix weights read per token; batch 1, {args.prompt_tokens}-"
         f"token prompt, {n} new greedy tokens; torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats"
+        f"{transformers.__version__}, {torch.get_num_threads()} threads, {args.repeats} repeats, "
+        f"{args.busy} busy processes beside"
     )
     rates: dict[tuple[str, str], list[float]] = {}
     tokens = {}
@@ -114,16 +125,36 @@ def main() -> None:
             rate = llama_rate(Path(args.llama_cpp) / "llama-bench", gguf[row], n)
             rates.setdefault(("llama.cpp", row), []).append(rate)
 
+    # a shell loop: one core's worth of work each, no memory traffic
+    busy = [subprocess.Popen(["sh", "-c", "while :; do :; done"]) for _ in range(args.busy)]
+    try:
+        timed(rows, args.repeats, gens, hf, prompt, ours, theirs)
+    finally:
+        for proc in busy:
+            proc.kill()
+    report(rows, rates, tokens, matrices)
+    sys.stdout.flush()
+    tmp.cleanup()
+
+
+def timed(rows, repeats, gens, hf, prompt, ours, theirs) -> None:
+    """Warm every engine up, then time them interleaved, who goes first alternating."""
+    from minigpt2.decode.generate import SamplingConfig
+
     with torch.inference_mode():
-        for row in ROWS:  # warm-up, as llama-bench does its own: first-call set-up is not timed
+        for row in rows:  # warm-up, as llama-bench does its own: first-call set-up is not timed
             gens[row].generate([prompt[0].tolist()], SamplingConfig(max_new_tokens=8, greedy=True))
             if row in hf:
                 hf[row].generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=50256)
-        for r in range(args.repeats):  # interleaved: every engine sees the same machine state
-            for row in ROWS:  # who goes first alternates, so that drift favours no one
+        for r in range(repeats):  # interleaved: every engine sees the same machine state
+            for row in rows:  # who goes first alternates, so that drift favours no one
                 for run in (ours, theirs) if r % 2 == 0 else (theirs, ours):
                     run(row)
-    for row in ROWS:
+
+
+def report(rows, rates, tokens, matrices) -> None:
+    """One line per row: rates, effective GB/s, ratios, and whether greedy tokens agree."""
+    for row in rows:
         mine = rates[("minigpt2", row)]
         ours_rate = statistics.median(mine)
         gbs = ours_rate * matrices * BYTES[row] / 1e9
@@ -145,12 +176,10 @@ def main() -> None:
                 f" (pairs {pairs[0]:.2f}-{pairs[-1]:.2f})"
             )
         print(line)
-    if ("minigpt2", "int8") in tokens:
+    if ("minigpt2", "int8") in tokens and ("minigpt2", "bfloat16") in tokens:
         a, b = tokens[("minigpt2", "int8")], tokens[("minigpt2", "bfloat16")]
         agree = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a))
         print(f"int8 greedy tokens equal bfloat16's for the first {agree} of {len(a)}")
-    sys.stdout.flush()
-    tmp.cleanup()
 
 
 if __name__ == "__main__":

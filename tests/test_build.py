@@ -6,9 +6,13 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
+
+from minigpt2.decode.native import native_available
 
 # AVX-512's marks in a disassembly: its registers (zmm, k masks, ymm16-31), its broadcasts, and
 # instructions AVX2 does not have
@@ -42,3 +46,29 @@ def test_avx2_kernels_hold_no_avx512_instruction_whatever_the_cflags(tmp_path):
     assert avx2 and avx512, "the kernels of both sets are in the library"
     assert [ln for ln in avx2 if AVX512.search(ln)] == []
     assert any(AVX512.search(ln) for ln in avx512)  # the check sees AVX-512 where it is
+
+
+@pytest.mark.skipif(not native_available(), reason="native decoder not built, or no AVX2")
+def test_one_openmp_runtime_is_mapped():
+    """native.c's threads are torch's pool: the dynamic loader hands the library's libgomp.so.1
+    to the copy torch loaded (same soname), so after a native step one OpenMP runtime is
+    mapped, torch's. A second would fight torch's pool for the cores."""
+    script = (
+        "import torch, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_native import odd_model, steps\n"
+        "from minigpt2.decode.native import NativeDecoder, native_available\n"
+        "assert native_available(), 'not built'\n"
+        "model = odd_model()\n"
+        "steps(model, NativeDecoder(model), torch.randint(0, 37, (1, 6)), 3)\n"
+        "runtimes = {line.split()[-1] for line in open('/proc/self/maps')\n"
+        "            if any(n in line for n in ('libgomp', 'libiomp', 'libomp'))}\n"
+        "print('\\n'.join(sorted(runtimes)))\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == 0, child.stderr
+    runtimes = child.stdout.split()
+    assert len(runtimes) == 1, runtimes
+    assert Path(runtimes[0]).resolve().is_relative_to(Path(torch.__file__).parent.resolve())

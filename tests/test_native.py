@@ -2,6 +2,7 @@
 
 import copy
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from minigpt2.decode.native import (
     NativeDecoder,
     NativeLinear,
     instruction_set,
+    instruction_sets,
     native_available,
     use_native_linears,
 )
@@ -31,8 +33,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(params=["avx512", "avx2"], autouse=True)
 def isa(request):
     """Every test in each instruction set this CPU has (AVX2's kernels run on AVX-512 CPUs)."""
-    best = instruction_set()
-    if request.param == "avx512" and best != "avx512":
+    if request.param not in instruction_sets():
         pytest.skip("this CPU has no AVX-512")
     yield instruction_set(request.param)
     instruction_set(None)
@@ -75,7 +76,7 @@ def test_float32_step_equals_the_model(overrides):
 def float_twin(quantized: GPT) -> GPT:
     """A float32 model holding the weights quantized multiplies by: bfloat16 ones widened,
     int8 ones dequantized (the head's int8 copy untied from the embedding)."""
-    twin = odd_model()
+    twin = GPT(quantized.config).eval()
     with torch.no_grad():
         for name, layer in quantized.named_modules():
             target = twin.get_submodule(name)
@@ -83,8 +84,9 @@ def float_twin(quantized: GPT) -> GPT:
                 target.weight = torch.nn.Parameter(layer.dequantized())
                 if layer.bias is not None:
                     target.bias.copy_(layer.bias.float())
-            elif isinstance(layer, torch.nn.Linear | torch.nn.LayerNorm | torch.nn.Embedding):
-                for key, p in layer.named_parameters(recurse=False):
+            else:  # parameters, and buffers (a sinusoidal table rounded to bfloat16 too)
+                for key, p in [*layer.named_parameters(recurse=False), *layer.named_buffers(
+                        recurse=False)]:  # fmt: skip
                     getattr(target, key).copy_(p.float())
     return twin
 
@@ -300,3 +302,46 @@ def test_int8_with_a_width_no_multiple_of_8_in_a_child(tmp_path):
     )
     assert child.returncode == 0, child.stderr
     assert float(child.stdout) < 0.02  # bfloat16 activations
+
+
+def random_case(rng: random.Random) -> tuple[GPT, GPT, int]:
+    """A model of random shape and kind (widths from 1 up, any head size), its float32 twin
+    (the weights it multiplies by), and a thread count from 1 to 3 (more than the cores)."""
+    heads, head_dim = rng.randint(1, 5), rng.choice([1, 3, 7, 8, 11, 16, 17, 24])
+    config = dict(
+        n_layer=rng.randint(1, 3), n_head=heads, n_embd=heads * head_dim,
+        vocab_size=rng.randint(3, 90), block_size=rng.randint(2, 48), bias=rng.random() < 0.7,
+        gelu=rng.choice(["tanh", "exact"]), pos_embedding=rng.choice(["learned", "sinusoidal"]),
+    )  # fmt: skip
+    torch.manual_seed(rng.randrange(2**31))
+    model = odd_model(**config)
+    kind = rng.choice(["float32", "bfloat16", "int8"])
+    if kind == "bfloat16":
+        model = model.to(torch.bfloat16)
+    elif kind == "int8":
+        model = quantize_for_decoding(model)
+    return model, float_twin(model), rng.randint(1, 3)
+
+
+def test_fuzz_native_steps_against_pytorch():
+    """Seeded random shapes, dtypes, prompt lengths, thread counts and positions up to the
+    last one: the native step never crashes and its logits and argmax equal PyTorch's on the
+    weights it reads (a near-tie, under 1e-4 apart, may go either way)."""
+    rng, before = random.Random(22), torch.get_num_threads()
+    try:
+        for case in range(16):
+            model, twin, threads = random_case(rng)
+            torch.set_num_threads(threads)
+            block = model.config.block_size
+            ids = torch.randint(0, model.config.vocab_size, (1, block))
+            prompt = rng.randint(1, block - 1)  # then steps to position block - 1, the last
+            out = steps(twin, NativeDecoder(model), ids, prompt)
+            with torch.inference_mode():
+                ref = twin(ids)[0, prompt:]
+            where = f"case {case}: {model.config}, {threads} threads, prompt {prompt}"
+            assert torch.allclose(out, ref, atol=1e-4, rtol=1e-4), where
+            top2 = ref.topk(min(2, ref.shape[1])).values
+            clear = (top2[:, 0] - top2[:, -1] > 1e-4) | (ref.shape[1] == 1)
+            assert (out.argmax(1) == ref.argmax(1))[clear].all(), where
+    finally:
+        torch.set_num_threads(before)

@@ -5,8 +5,12 @@ or AVX2.
 Decoding in PyTorch spends a quarter of a gpt2 token outside the matrix-vector products
 (about 250 small operations, each dispatched from Python); the native step runs them all on
 torch's threads between the products (BENCHMARKS.md). Without the library, or on another CPU,
-`native_available()` is False and minigpt2 decodes in PyTorch (in float32, to the same greedy
-tokens).
+`native_available()` is False and minigpt2 decodes in PyTorch. What holds between the two: in
+float32, the same logits to about 1e-6 relative and so the same greedy tokens (bar exact
+ties). In bfloat16 and int8 they part: the native step multiplies the weights with float32
+activations, PyTorch rounds activations (and int8 scales) to bfloat16 between operations, so
+greedy tokens agree for a while and then may differ (from token 20 in one try); the native
+logits are the ones nearer the float32 model's.
 """
 
 from __future__ import annotations
@@ -87,15 +91,24 @@ def _versions(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
+_LEVELS = {"avx2": 1, "avx512": 2}  # native.c's levels
+
+
+def instruction_sets() -> list[str]:
+    """The vector instruction sets this CPU runs the native kernels in, lowest first."""
+    lib = _library()
+    best = lib.mg2_supported() if lib is not None else 0
+    return [name for name, level in _LEVELS.items() if level <= best]
+
+
 def instruction_set(wanted: str | None = None) -> str:
-    """The vector instructions the native kernels run in ("avx512" or "avx2"); wanted picks a
-    lower set than the CPU's (to test or measure it; None: the CPU's best). Process-wide."""
-    levels = {"avx2": 1, "avx512": 2}
+    """Run the native kernels in `wanted` ("avx512" or "avx2", at most the CPU's best; to test
+    or measure one), or in the CPU's best (None); returns the set in effect. Process-wide."""
     lib = _library()
     if lib is None:
         raise MiniGPT2Error("the native decoder is not built, or this CPU has neither set")
-    level = lib.mg2_use_level(levels[wanted] if wanted else 99)
-    return {v: k for k, v in levels.items()}[level]
+    level = lib.mg2_use_level(_LEVELS[wanted] if wanted else -1)
+    return {v: k for k, v in _LEVELS.items()}[level]
 
 
 def linear_struct(layer: nn.Module, keep: list[torch.Tensor]) -> _Linear:

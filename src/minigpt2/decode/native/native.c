@@ -4,12 +4,21 @@
    memory; in PyTorch the ~250 small operations around the 49 matrix-vector products of a gpt2
    step cost as much as a quarter of the products themselves (BENCHMARKS.md). Here the whole
    step is one call: the products, LayerNorms, attention over the cache and GELU run in one
-   OpenMP parallel region, its threads meeting at a barrier between phases.
+   OpenMP parallel region, its threads meeting at barriers between phases.
 
-   Threads: OpenMP's, linked by soname (libgomp.so.1), so that in a process where torch is
-   loaded first they are torch's own pool. A second pool would fight torch's for the cores:
-   torch's idle threads spin for milliseconds after each of its parallel operations, and a
-   matrix-vector product run by another pool right after one ran at half speed (BENCHMARKS.md).
+   Threads: OpenMP's, and torch's own pool. The library needs libgomp.so.1 by soname; when
+   it is loaded, torch has loaded its bundled libgomp (RUNPATH $ORIGIN of libtorch_cpu and
+   libtorch_global_deps), whose SONAME is libgomp.so.1 too, and the dynamic loader hands a
+   needed name to an already loaded object of that soname before searching the disk, however
+   that object was opened (loading torch's copy RTLD_LOCAL first gives the same single
+   mapping). A torch build whose copy had another soname would give a second pool, which
+   would fight torch's for the cores (torch's idle threads spin for milliseconds after each
+   of its parallel operations; a product run by another pool right after one ran at half
+   speed, BENCHMARKS.md): tests/test_native.py checks that one OpenMP runtime is mapped.
+
+   The step's threads meet at barriers of their own (meet(), below), which spin briefly and
+   then sleep: a thread that spins while the one it waits for is off its core (the cores are
+   shared with other work) holds a core that thread could run on.
 
    Plain C: this file (what native.py calls through ctypes, and the choice of instruction
    set), native_kernels.h (the kernels and the step, written once over a few vector
@@ -20,18 +29,81 @@
    float32 throughout. Built by `pip install` where a C compiler is present; where it is not,
    or the CPU has neither set, mg2_supported() says 0 and minigpt2 decodes in PyTorch. */
 
+#define _GNU_SOURCE /* syscall() and clock_gettime() under -std=c11 */
+
 #include <omp.h>
 
 #include "native.h"
 
-/* Floats of scratch a model needs: x, per-thread LayerNorm outputs and attention scores,
-   q/k/v, the attention output and the MLP's hidden layer. */
+/* Floats of scratch a model needs (native.h: scratch_layout). */
 long mg2_work_floats(int n_embd, int room, int threads) {
-    return (long)n_embd * (1 + threads + 3 + 1 + 4) + (long)room * threads;
+    return scratch_layout(n_embd, room, threads, 0).floats;
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#include <sched.h>
+#include <time.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+/* How long a thread at a barrier spins before it sleeps. Between two barriers of a gpt2 step
+   (about 70 us apart) the threads arrive within a few microseconds of each other when they
+   have the cores; when one is off its core, spinning longer only delays it (BENCHMARKS.md,
+   "The native decoder on shared cores"). */
+#define SPIN_NS 50000
+
+static long now_ns(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+static void sleep_while(int *word, int value) {  /* until *word != value, or a spurious wake */
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word, (void)value;
+    sched_yield();
+#endif
+}
+
+static void wake_all(int *word) {
+#ifdef __linux__
+    syscall(SYS_futex, word, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+/* Wait until all `threads` threads of the step have called meet() on b: what each wrote
+   before is then seen by all. Spin (with pause) for SPIN_NS, then sleep on b->round. The
+   last to arrive starts the next round and wakes any sleepers: sequentially consistent order
+   on round and sleepers means either it sees a sleeper or the sleeper sees the new round. */
+static void meet(Barrier *b, int threads) {
+    if (threads == 1) return;
+    const int round = __atomic_load_n(&b->round, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&b->arrived, 1, __ATOMIC_ACQ_REL) == threads) {
+        __atomic_store_n(&b->arrived, 0, __ATOMIC_RELAXED);  /* none re-enters before round */
+        __atomic_store_n(&b->round, round + 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&b->sleepers, __ATOMIC_SEQ_CST)) wake_all(&b->round);
+        return;
+    }
+    const long until = now_ns() + SPIN_NS;
+    for (int i = 1; __atomic_load_n(&b->round, __ATOMIC_ACQUIRE) == round; i++) {
+        _mm_pause();
+        if (i % 64 == 0 && now_ns() > until) {
+            __atomic_add_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
+            while (__atomic_load_n(&b->round, __ATOMIC_SEQ_CST) == round)
+                sleep_while(&b->round, round);
+            __atomic_sub_fetch(&b->sleepers, 1, __ATOMIC_SEQ_CST);
+            return;
+        }
+    }
+}
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
@@ -51,52 +123,62 @@ long mg2_work_floats(int n_embd, int room, int threads) {
 #undef SUFFIX
 #pragma GCC pop_options
 
-static int level = -1;  /* 2: AVX-512, 1: AVX2, 0: neither; unset until first asked */
+static int best = -1;  /* what the CPU runs: 2 AVX-512, 1 AVX2, 0 neither; unset until asked */
+static int level = -1; /* the set the kernels run in */
 
-/* The instruction set the kernels run in: 2 (AVX-512: F, BW, DQ and VL, all that its kernels
-   are compiled for), 1 (AVX2 and FMA) or 0 (neither: decode in PyTorch). */
+/* AVX-512 here means F, BW, DQ and VL, all that its kernels are compiled for. (On an AMD EPYC
+   with AVX-512, 2026-12-03, the AVX2 kernels were not clearly faster: BENCHMARKS.md.) */
+static void detect(void) {
+    __builtin_cpu_init();
+    const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
+        && __builtin_cpu_supports("fma");
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    best = level = avx512 ? 2 : avx2 ? 1 : 0;
+}
+
+/* The most this CPU runs: 2 (AVX-512), 1 (AVX2 and FMA) or 0 (neither: decode in PyTorch). */
 int mg2_supported(void) {
-    if (level < 0) {
-        __builtin_cpu_init();
-        const int avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
-            && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
-            && __builtin_cpu_supports("fma");
-        const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-        level = avx512 ? 2 : avx2 ? 1 : 0;
-    }
+    if (best < 0) detect();
+    return best;
+}
+
+/* Run in `wanted` (at most the CPU's best; tests run the AVX2 kernels on AVX-512 machines),
+   or in the CPU's best when wanted < 0; returns the set in effect. */
+int mg2_use_level(int wanted) {
+    if (best < 0) detect();
+    level = wanted < 0 || wanted > best ? best : wanted;
     return level;
 }
 
-/* Run in a lower set than the CPU's (tests run the AVX2 kernels on AVX-512 machines), or with
-   `wanted` above the CPU's in its own again; returns the set in effect. */
-int mg2_use_level(int wanted) {
-    level = -1;
-    const int most = mg2_supported();
-    level = wanted < most ? wanted : most;
-    return level;
+static int use_avx512(void) {
+    if (best < 0) detect();
+    return level == 2;
 }
 
 /* Logits (head rows) after `token` at position `pos`, whose key and value go into the cache
    at pos; positions before it must be there already. */
-void mg2_step(const Model *m, int token, int pos, float *logits) {
-    const Step s = {m, token, pos, logits};
-    const int avx512 = mg2_supported() == 2;
-#pragma omp parallel num_threads(m->threads)
+void mg2_step(const Model *model, int token, int pos, float *logits) {
+    Barrier sync = {0, 0, 0};
+    const Step step = {model, token, pos, logits, &sync};
+    const int avx512 = use_avx512();
+#pragma omp parallel num_threads(model->threads)
     {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        if (avx512) step_task_avx512(&s, tid, n);
-        else step_task_avx2(&s, tid, n);
+        /* OpenMP may give fewer threads than asked: the scratch is laid out for the most */
+        const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
+        if (avx512) step_task_avx512(&step, tid, threads);
+        else step_task_avx2(&step, tid, threads);
     }
 }
 
 /* y (seqs, rows) = x (seqs, cols) W^T + b, on `threads` threads. */
-void mg2_linear(const Linear *L, const float *x, float *y, int seqs, int threads) {
-    const int avx512 = mg2_supported() == 2;
+void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {
+    const int avx512 = use_avx512();
 #pragma omp parallel num_threads(threads)
     {
-        const int tid = omp_get_thread_num(), n = omp_get_num_threads();
-        if (avx512) linear_part_avx512(L, x, y, seqs, tid, n, STORE, 0);
-        else linear_part_avx2(L, x, y, seqs, tid, n, STORE, 0);
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        if (avx512) linear_part_avx512(layer, input, output, seqs, tid, team, STORE, 0);
+        else linear_part_avx2(layer, input, output, seqs, tid, team, STORE, 0);
     }
 }
 
@@ -104,7 +186,7 @@ void mg2_linear(const Linear *L, const float *x, float *y, int seqs, int threads
 
 int mg2_supported(void) { return 0; }
 int mg2_use_level(int wanted) { return 0; }
-void mg2_step(const Model *m, int token, int pos, float *logits) {}
-void mg2_linear(const Linear *L, const float *x, float *y, int seqs, int threads) {}
+void mg2_step(const Model *model, int token, int pos, float *logits) {}
+void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {}
 
 #endif

@@ -41,27 +41,57 @@ typedef struct {
 
 enum { STORE = 0, ADD = 1, GELU = 2 };  /* what a product does with its rows: y =, y +=, GELU */
 
+/* Where the step's threads meet between phases: see meet() in native.c. */
+typedef struct {
+    int arrived;   /* threads at the barrier this round */
+    int round;     /* bumped by the last to arrive; the word sleepers wait on */
+    int sleepers;  /* threads asleep on round: the last to arrive wakes them */
+} Barrier;
+
 typedef struct { /* one decode step's arguments, read by every thread */
-    const Model *m;
+    const Model *model;
     int token, pos;
     float *logits;
+    Barrier *sync;
 } Step;
 
-/* This thread's share of the rows: blocks of 16 rows split evenly, the rest to the last. */
-static inline void share(int rows, int tid, int n, int *r0, int *r1) {
-    int blocks = rows / 16;
-    *r0 = blocks * tid / n * 16;
-    *r1 = tid == n - 1 ? rows : blocks * (tid + 1) / n * 16;
+/* The scratch of a step (Model.work), laid out once here for mg2_work_floats and the step,
+   as offsets in floats: the residual stream x, one LayerNorm output per thread, q/k/v, the
+   attention output, the MLP's hidden layer, and one row of attention scores (a cache's room)
+   per thread. */
+typedef struct {
+    long x, normed, qkv, attended, hidden, scores;  /* thread tid's normed and scores */
+    long floats;                                     /* the whole layout's size */
+} Scratch;
+
+static inline Scratch scratch_layout(int n_embd, int room, int threads, int tid) {
+    const long E = n_embd;
+    Scratch s;
+    s.x = 0;
+    s.normed = E * (1 + tid);
+    s.qkv = E * (1 + threads);
+    s.attended = s.qkv + 3 * E;
+    s.hidden = s.attended + E;
+    s.scores = s.hidden + 4 * E + (long)room * tid;
+    s.floats = s.hidden + 4 * E + (long)room * threads;
+    return s;
+}
+
+/* Thread tid's share (of `threads`) of a layer's rows, [*begin, *end): blocks of 16 rows split
+   evenly, the rest to the last. */
+static inline void share(int rows, int tid, int threads, int *begin, int *end) {
+    const int blocks = rows / 16;
+    *begin = blocks * tid / threads * 16;
+    *end = tid == threads - 1 ? rows : blocks * (tid + 1) / threads * 16;
 }
 
 /* A row's dot product is summed in UNROLL accumulators, one row at a time: one sequential
-   stream per thread. On gpt2's 49 matrices (2 threads, one sitting): bfloat16 46 GB/s a row
-   at a time against 39-44 with 4 rows side by side; int8 54 GB/s with 4 sums against 45
-   with 1 (BENCHMARKS.md). */
+   stream from memory per thread, which read faster than several rows side by side, and enough
+   independent sums to hide the FMA's latency (BENCHMARKS.md, "What the native decoder is"). */
 #define UNROLL 4
 /* With each line of weights read, the line AHEAD bytes on is prefetched: the hardware's
-   stream prefetchers stop at every 4 KiB page. gpt2, one sitting, against none: bfloat16 228
-   against 216 tok/s, int8 344 against 316 (2048: 215 and 345; 8192: 235 and 333). */
+   stream prefetchers stop at every 4 KiB page, so a page ahead keeps the stream going across
+   page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). */
 #define AHEAD 4096
 
 #endif
