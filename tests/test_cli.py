@@ -65,6 +65,7 @@ def test_unknown_command_is_one_line(capsys):
 LAYERS = {
     "cli": 6,
     "train": 5,
+    "serve": 5,
     "evaluate": 4,
     "decode": 3,
     "formats": 3,

@@ -324,3 +324,38 @@ def test_cli_no_native_gives_the_same_float32_greedy_tokens(byte_run, tmp_path):
     plain = sample_cli(*args, "--json", "--no-native", cwd=tmp_path)
     assert native.returncode == 0 and plain.returncode == 0, plain.stderr
     assert json.loads(native.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_slot_cache_steps_rows_at_their_own_lengths(dtype):
+    """KVCache.slots (the server's continuous batching): prompts of 3, 9 and 5 tokens in slots
+    0, 2 and 3 (slot 1 empty), then 4 steps of all rows together; each row's logits equal the
+    whole sequence run alone, and the empty slot stays empty."""
+    from minigpt2.model.attention import KVCache
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=3, n_embd=66, vocab_size=53, block_size=32)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model = model.to(dtype)
+    tol = 1e-5 if dtype is torch.float32 else 0.1  # bfloat16 activations round differently
+    seqs = {0: torch.randint(0, 53, (1, 13)), 2: torch.randint(0, 53, (1, 13))}
+    seqs[3] = torch.randint(0, 53, (1, 13))
+    lengths = {0: 3, 2: 9, 3: 5}
+    cache = KVCache.slots(model.config, 4, 32, "cpu", dtype)
+    with torch.inference_mode():
+        for slot, n in lengths.items():
+            alone = cache.row(slot)
+            model.hidden_states(seqs[slot][:, :n], alone)
+            cache.lengths[slot], cache.live[slot] = alone.pos, True
+        for step in range(4):
+            idx = torch.zeros(4, 1, dtype=torch.long)
+            for slot, n in lengths.items():
+                idx[slot, 0] = seqs[slot][0, n + step]
+            logits = model.lm_head(model.hidden_states(idx, cache))[:, -1]
+            for slot, n in lengths.items():
+                ref = model(seqs[slot][:, : n + step + 1])[0, -1]
+                assert torch.allclose(logits[slot].float(), ref.float(), atol=tol), (slot, step)
+    assert cache.lengths.tolist() == [7, 0, 13, 9]

@@ -274,3 +274,29 @@ def test_hf_record_dataset(tmp_path, hf_folder):
     missing = [*spec, "--data_format=chat", "--data=hf:no-such/dataset"]
     with pytest.raises(MiniGPT2Error, match="cannot read dataset 'hf:no-such/dataset'"):
         Trainer(parse_args(missing))
+
+
+def test_chat_prompt_is_the_training_template_up_to_the_reply():
+    """A conversation asks for its next reply exactly as training showed replies: the chat
+    record with that reply, tokenized for training, starts with the prompt; an instruction
+    model gets Alpaca's template around the last user message."""
+    from minigpt2.data.records import ALPACA_NO_INPUT, chat_prompt, tokenize_records
+    from minigpt2.data.tokenizer import ByteTokenizer
+
+    tok = ByteTokenizer()
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
+    record = {"messages": [*messages, {"role": "assistant", "content": "See you."}]}
+    trained = tokenize_records([record], "chat", tok, True, "test").ids[0].tolist()
+    prompt = chat_prompt(messages, "chat", tok)
+    assert trained[: len(prompt)] == prompt and tok.eot_id in prompt  # the earlier reply's end
+    assert trained[len(prompt) :] == tok.encode("See you.") + [tok.eot_id]
+    assert chat_prompt(messages, "text", tok) == prompt  # plain models: the same template
+    alpaca = chat_prompt(messages, "instruction", tok)
+    assert alpaca == tok.encode(ALPACA_NO_INPUT.format(instruction="Bye"))
+    with pytest.raises(MiniGPT2Error, match="role 'wizard'"):
+        chat_prompt([{"role": "wizard", "content": "x"}], "chat", tok)

@@ -15,6 +15,8 @@ COMMANDS = {
     "prepare": ("prepare", "prepare_main", "tokenise a corpus into cached token shards"),
     "train": ("train", "train_main", "pretrain or fine-tune from a TOML config and --key=value"),
     "sample": ("sample", "sample_main", "generate text from a checkpoint or released model"),
+    "serve": ("serve", "serve_main", "serve a model over OpenAI's HTTP API, with a chat page"),
+    "chat": ("chat", "chat_main", "a conversation with a model in the terminal"),
     "export": ("export", "export_main", "write the released layout (+ tokenizer) or a GGUF file"),
     "eval": ("eval", "eval_main", "perplexity of a text, or HellaSwag accuracy"),
     "lm-eval": ("eval", "lm_eval_main", "EleutherAI's lm-evaluation-harness on a model"),

@@ -12,13 +12,9 @@ from tqdm import tqdm
 
 from ..data.batches import open_corpus
 from ..data.corpus import DECODE_ERRORS
-from ..decode.kernels import layout_for_inference
-from ..decode.quantize import check_scheme, quantize_for_decoding
-from ..device import resolve_device, resolve_dtype
 from ..errors import MiniGPT2Error
 from ..evaluate.scoring import hellaswag, perplexity, perplexity_windows, read_hellaswag
-from ..formats.loading import load_any, tokenizer_for
-from .options import add_cpu_options, apply_cpu_options
+from .options import add_model_options, load_for_generation
 
 TASKS = ("perplexity", "hellaswag")
 HELLASWAG_HF = "hf:Rowan/hellaswag"
@@ -31,8 +27,7 @@ def parser() -> argparse.ArgumentParser:
         description="Measure a model: sliding-window perplexity of a text, or HellaSwag.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="what minigpt2 sample --model takes")
-    p.add_argument("--checkpoint", default="best", help="best or latest, for an out_dir")
+    add_model_options(p, None)
     p.add_argument("--task", required=True, help=f"{' or '.join(TASKS)}")
     p.add_argument(
         "--data",
@@ -41,7 +36,6 @@ def parser() -> argparse.ArgumentParser:
         f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF})"
         "%(default).0s",  # names the default itself: argparse would add "(default: None)"
     )
-    p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument(
         "--stride", type=int, default=None, help="tokens between windows (None: half the context)"
@@ -49,13 +43,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="all", help="all, or val: a corpus' validation split")
     p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--quantize", default=None, help="int8: as minigpt2 sample --quantize")
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
     p.add_argument("--text-column", default="text", help="text column of an hf: corpus")
-    add_cpu_options(p)
     p.add_argument(
         "--decode-errors",
         default="strict",
@@ -69,7 +59,6 @@ def eval_main(argv: list[str]) -> int:
     """`minigpt2 eval --model M --task T ...`: a table, or one JSON object."""
 
     args = parser().parse_args(argv)
-    apply_cpu_options(args)
     if args.task not in TASKS:
         raise MiniGPT2Error(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     if args.split not in ("all", "val"):
@@ -80,17 +69,7 @@ def eval_main(argv: list[str]) -> int:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={value} must be at least 1")
     if args.task == "perplexity" and not args.data:
         raise MiniGPT2Error("--task perplexity needs --data (a text file, directory, ...)")
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.quantize:
-        check_scheme(args.quantize)
-    model, header = load_any(args.model, args.checkpoint)
-    tok = tokenizer_for(header, args.tokenizer, args.model, model.config.vocab_size)
-    model.to(device=device, dtype=dtype).eval()
-    if args.quantize:
-        model = quantize_for_decoding(model, args.quantize)
-    else:
-        layout_for_inference(model)
+    model, _, tok = load_for_generation(args, sequences=0)  # scoring: hundreds of rows
     run = _perplexity if args.task == "perplexity" else _hellaswag
     result = {"task": args.task, "model": args.model, **run(model, tok, args)}
     if args.json:

@@ -11,12 +11,8 @@ from pathlib import Path
 
 from ..data.records import RECORD_FORMATS, read_prompts, wrap_prompt
 from ..decode.generate import GenerationStats, Generator, SamplingConfig
-from ..decode.kernels import layout_for_inference
-from ..decode.quantize import check_scheme, quantize_for_decoding
-from ..device import resolve_device, resolve_dtype
 from ..errors import MiniGPT2Error
-from ..formats.loading import load_any, tokenizer_for
-from .options import add_cpu_options, apply_cpu_options
+from .options import add_model_options, add_sampling_options, load_for_generation
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,19 +22,7 @@ def parser() -> argparse.ArgumentParser:
         description="Generate text from a GPT-2.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        default="out/quickstart",
-        help="a training out_dir, a checkpoint file, a released-layout directory, "
-        "or gpt2 / gpt2-medium / gpt2-large / gpt2-xl",
-    )
-    p.add_argument(
-        "--checkpoint",
-        choices=("best", "latest"),
-        default="best",
-        help="which checkpoint of an out_dir (best falls back to latest)",
-    )
-    p.add_argument("--tokenizer", default=None, help="byte, gpt2 or path/to/gpt2.tiktoken")
+    add_model_options(p, "out/quickstart")
     p.add_argument("--prompt", default="", help="prompt text, or - to read standard input")
     p.add_argument("--prompt-file", default=None, help="read the prompt from this file")
     p.add_argument(
@@ -55,25 +39,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-new-tokens", type=int, default=None, help="tokens to add (None: 100)")
     p.add_argument("--max-length", type=int, default=None, help="prompt plus new tokens")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with mass p")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's penalty (1: off)")
+    add_sampling_options(p, temperature=1.0)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (do_sample=False)")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--seed", type=int, default=None, help="None: a fresh draw each run")
     p.add_argument("--stop-at-eot", action="store_true", help="end a sample at <|endoftext|>")
     p.add_argument("--json", action="store_true", help="one JSON object per sample")
     p.add_argument("--no-cache", action="store_true", help="recompute the context every step")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument(
-        "--quantize",
-        default=None,
-        help="int8: weight-only int8 (per output channel) with bfloat16 activations, in memory",
-    )
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder")
-    add_cpu_options(p)
     return p
 
 
@@ -104,21 +76,16 @@ def sample_main(argv: list[str]) -> int:
     """Stream samples to stdout (or one JSON object per sample), timing to stderr."""
 
     args = parser().parse_args(argv)
-    apply_cpu_options(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
     for name in ("num_samples", "batch_size", "max_new_tokens", "max_length"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.quantize:
-        check_scheme(args.quantize)
-    model, header = load_any(args.model, args.checkpoint)
-    tok = tokenizer_for(header, args.tokenizer, args.model, model.config.vocab_size)
     if args.batch_file and (args.prompt or args.prompt_file):
         raise MiniGPT2Error(
             "give prompts with --batch-file or with --prompt/--prompt-file, not both"
         )
     texts = read_prompts(args.batch_file) if args.batch_file else [_read_prompt(args)]
+    at_once = args.num_samples * (min(args.batch_size, len(texts)) if args.batch_file else 1)
+    model, header, tok = load_for_generation(args, at_once, pack=not args.compile)
     fmt = (header or {}).get("data_format", "text")
     template = fmt in RECORD_FORMATS and not args.raw  # as the model saw prompts in training
     block = model.config.block_size
@@ -141,12 +108,6 @@ def sample_main(argv: list[str]) -> int:
         eot_id=tok.eot_id,
         seed=args.seed,
     ).check()
-    model.to(device=device, dtype=dtype)
-    if args.quantize:
-        model = quantize_for_decoding(model, args.quantize)
-    else:
-        at_once = args.num_samples * (min(args.batch_size, len(prompts)) if args.batch_file else 1)
-        model = layout_for_inference(model, pack=not args.compile, sequences=at_once)
     gen = Generator(model, vocab_limit=tok.vocab_size)
     if args.compile:
         gen.compile()

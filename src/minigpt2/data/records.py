@@ -97,7 +97,15 @@ def segments(record: dict, fmt: str, where: str) -> list[tuple[str, bool]]:
         return [(prompt, False), (_text(record, "output", where), True)]
     if fmt == "prompt_completion":
         return [(_text(record, "prompt", where), False), (_text(record, "completion", where), True)]
-    messages = record.get("messages")
+    out, _ = _conversation(record.get("messages"), where)
+    if not any(is_response for _, is_response in out):
+        raise MiniGPT2Error(f"{where} has no assistant message: nothing to learn from it")
+    return out
+
+
+def _conversation(messages, where: str) -> tuple[list[tuple[str, bool]], str]:
+    """(text, is_response) pieces of a chat, up to its last assistant message, and the prompt
+    text after it (system and user turns not answered yet)."""
     if not isinstance(messages, list) or not messages:
         raise MiniGPT2Error(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     out: list[tuple[str, bool]] = []
@@ -113,9 +121,27 @@ def segments(record: dict, fmt: str, where: str) -> list[tuple[str, bool]]:
             pending = ""
         else:
             pending += _chat_header(role) + content + "\n\n"
-    if not any(is_response for _, is_response in out):
-        raise MiniGPT2Error(f"{where} has no assistant message: nothing to learn from it")
-    return out
+    return out, pending
+
+
+def chat_prompt(messages: list, fmt: str, tokenizer: Tokenizer) -> list[int]:
+    """Token ids that ask a model trained on fmt data for the next assistant message.
+
+    Instruction models (Alpaca's template) see the last user message alone: they were trained
+    on single turns. Chat models, and models trained on text or prompt/completion records,
+    see the whole conversation in the chat records' template: each message under its role's
+    header (### User:), each assistant message closed by end-of-text as in training, then the
+    assistant's header."""
+    pieces, pending = _conversation(messages, "messages")
+    if fmt == "instruction":
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users:
+            raise MiniGPT2Error("messages: an instruction model needs a user message")
+        return tokenizer.encode(ALPACA_NO_INPUT.format(instruction=users[-1]))
+    ids: list[int] = []
+    for text, is_response in [*pieces, (pending + _chat_header("assistant"), False)]:
+        ids += tokenizer.encode(text) + ([tokenizer.eot_id] if is_response else [])
+    return ids
 
 
 def read_json_records(path: Path, what: str = "records") -> list:

@@ -127,6 +127,16 @@ class Generator:
     def native(self, decoder: NativeDecoder | None) -> None:
         self._threads.decoder = decoder
 
+    def native_decoder(self) -> NativeDecoder | None:
+        """This thread's native decoder for one-sequence steps, made (again) at the first call
+        and whenever the model's weights moved or changed; None where native.c cannot run."""
+        if not self.use_native:
+            return None
+        if self.native is None or not self.native.current():
+            self.native = NativeDecoder.for_model(self.model)
+            self.use_native = self.native is not None  # a model it cannot read stays so
+        return self.native
+
     def compile(self) -> Generator:
         """torch.compile the model's per-step computation (shapes vary: dynamic)."""
         self.hidden_states = torch.compile(self.model.hidden_states, dynamic=True)
@@ -191,11 +201,7 @@ class Generator:
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        if n == 1 and use_cache and self.use_native:
-            if self.native is None or not self.native.current():  # first, or weights moved
-                self.native = NativeDecoder.for_model(self.model)
-                self.use_native = self.native is not None  # a model it cannot read stays so
-        native = self.native if self.use_native else None  # this thread's
+        native = self.native_decoder() if n == 1 and use_cache else None
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
         for _ in range(cfg.max_new_tokens):
             if cache is None or cache.pos + step_input.shape[1] > block:

@@ -29,6 +29,31 @@ class KVCache:
         self.pos = 0  # tokens already stored (padding included)
         self.mask: torch.Tensor | None = None  # (batch, length) bool once padding was stored
         self.seen: torch.Tensor | None = None  # (batch,) real tokens stored per row
+        self.lengths: torch.Tensor | None = None  # slots only: (batch,) tokens stored per row
+        self.live: torch.Tensor | None = None  # slots only: (batch,) rows a step moves on
+
+    @classmethod
+    def slots(cls, config: GPTConfig, slots: int, length: int, device, dtype) -> KVCache:
+        """A cache of independent sequences, each at its own length (continuous batching):
+        row i holds columns [0, lengths[i]), a step writes each live row at its own length and
+        moves it on. Each row's memory is one contiguous one-sequence cache (see row())."""
+        out = cls(config, 1, 1, device, dtype)
+        hd = config.n_embd // config.n_head
+        store = (slots, config.n_layer, 2, config.n_head, length, hd)
+        # zeros: the columns past a row's length are multiplied by 0 in attention, never NaN
+        out.kv = torch.zeros(store, device=device, dtype=out.kv.dtype).permute(1, 2, 0, 3, 4, 5)
+        out.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        out.live = torch.zeros(slots, dtype=torch.bool, device=device)
+        return out
+
+    def row(self, i: int) -> KVCache:
+        """Slot i as a one-sequence cache over the same memory (for a prompt or a native
+        step), at that slot's length; set lengths[i] from its pos afterwards."""
+        out = KVCache.__new__(KVCache)
+        out.kv = self.kv[:, :, i : i + 1]  # (n_layer, 2, 1, n_head, length, hd), contiguous
+        out.pos, out.mask, out.seen = int(self.lengths[i]), None, None
+        out.lengths = out.live = None
+        return out
 
     def reset(self) -> None:
         """Forget everything stored (the buffers are reused)."""
@@ -41,6 +66,7 @@ class KVCache:
         out.kv, out.pos = self.kv[:, :, rows], self.pos
         out.mask = None if self.mask is None else self.mask[rows]
         out.seen = None if self.seen is None else self.seen[rows]
+        out.lengths = out.live = None
         return out
 
     def mark_filled(self, real: torch.Tensor) -> None:
@@ -72,7 +98,12 @@ class CausalSelfAttention(nn.Module):
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         past = 0
-        if cache is not None:  # append this step's keys and values, attend over all so far
+        if cache is not None and cache.lengths is not None:  # slots: each row at its length
+            rows, at = torch.arange(B, device=x.device), cache.lengths[:B]
+            new = qkv[1:, :, :, 0].transpose(0, 1).to(cache.kv.dtype)  # (B, 2, nh, hs)
+            cache.kv[layer, :, rows, :, at] = new  # index_put: no casting of its own
+            k, v = cache.kv[layer, :, :B, :, : int(at.max()) + 1].unbind(0)
+        elif cache is not None:  # append this step's keys and values, attend over all so far
             past = cache.pos
             cache.kv[layer, :, :, :, past : past + T] = qkv[1:]
             k, v = cache.kv[layer, :, :, :, : past + T].unbind(0)  # (B, nh, past+T, hs) each

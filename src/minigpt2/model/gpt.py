@@ -217,13 +217,21 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, None, i, mask, use_reentrant=False)
             else:
                 x = block(x, cache, i, mask)
-        if cache is not None:
+        if cache is not None and cache.lengths is not None:
+            cache.lengths[: idx.shape[0]] += cache.live[: idx.shape[0]]
+        elif cache is not None:
             cache.pos += idx.shape[1]
         return self.transformer.ln_f(x)
 
     def _positions_and_mask(self, idx, cache: KVCache | None, attention_mask):
         """Position ids, (T,) or (B, T), and the attention mask for the blocks (None: causal)."""
         B, T = idx.shape
+        if cache is not None and cache.lengths is not None:  # slots: one token a row
+            if T != 1:
+                raise MiniGPT2Error("a slot cache takes one token a row; prompts go in row(i)")
+            at = cache.lengths[:B]
+            keys = torch.arange(int(at.max()) + 1, device=idx.device)[None, :] <= at[:, None]
+            return at[:, None], keys[:, None, None, :]
         past = cache.pos if cache is not None else 0
         padded = cache is not None and cache.mask is not None
         if attention_mask is not None and not padded:

@@ -163,12 +163,13 @@ class NativeLinear(nn.Linear):
     """A linear layer for CPU decoding: up to ROWS rows (a decode step of that many sequences)
     in native.c, more (a prompt) in torch. Same parameters as the nn.Linear it replaces."""
 
-    ROWS = 8
+    ROWS = 8  # a layer's own `rows`, where set, overrides it (a server's batch: serve/engine)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         readable = w.dtype in TYPES and w.device.type == "cpu"  # not after .half() or .cuda()
-        if x.shape[:-1].numel() > self.ROWS or torch.is_grad_enabled() or not readable:
+        most = getattr(self, "rows", self.ROWS)
+        if x.shape[:-1].numel() > most or torch.is_grad_enabled() or not readable:
             return super().forward(x)
         return native_linear(self, x)
 

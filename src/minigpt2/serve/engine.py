@@ -1,0 +1,272 @@
+"""Continuous batching: one thread owns the model and decodes the next token of every running
+sequence in one step; new sequences join between steps and finished ones leave at once.
+
+Each sequence has a slot of one KVCache.slots cache, at its own length. A joining sequence's
+prompt runs alone into its slot (as `minigpt2 sample` runs it); then a step feeds every live
+slot's last token through the model together, each row at its own position (products read
+the weights once for all rows). With one sequence running, the step is the native decoder's
+one-sequence step, as in `minigpt2 sample`. Every row keeps its own sampling knobs, random
+generator and token history, so a sequence gets the tokens it would get alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..decode.generate import Generator, SamplingConfig, pick_tokens, process_logits
+from ..decode.native import NativeLinear
+from ..errors import MiniGPT2Error
+from ..model.attention import KVCache
+from ..model.gpt import GPT
+
+
+class QueueFull(MiniGPT2Error):
+    """More sequences wait than the engine was told to hold."""
+
+
+@dataclass
+class Event:
+    """What a sequence got from one step: a token (with its log-probabilities when asked), or
+    its end (finish: stop, length, abort or error; token None)."""
+
+    token: int | None = None
+    logprob: float | None = None
+    top: list[tuple[int, float]] | None = None  # the likeliest tokens and their log-probs
+    finish: str | None = None
+
+
+@dataclass
+class Job:
+    """One sequence to generate: its prompt, its knobs (a seed of its own), and emit, called
+    with each Event (through the engine's deliver). cancelled may be set from any thread: the
+    engine frees the row at its next step and emits nothing more."""
+
+    prompt: list[int]
+    cfg: SamplingConfig
+    emit: Callable[[Event], None]
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k likeliest
+    cancelled: bool = False
+
+
+@dataclass
+class _Row:
+    job: Job
+    seq: torch.Tensor  # (1, n): prompt and tokens so far (the repetition penalty reads it)
+    generator: torch.Generator
+    made: int = 0
+
+
+@dataclass
+class Load:
+    """What the engine holds now."""
+
+    running: int = 0
+    peak: int = 0  # the most rows that ran together
+    queued: int = 0
+    steps: int = 0
+    served: int = 0
+    cancelled: int = 0  # rows freed because nobody waited for them any more
+    slots: int = 0
+    last_error: str | None = None
+
+
+def call_each(batch: list[tuple[Callable[[Event], None], Event]]) -> None:
+    """Hand each event to its job's emit."""
+    for emit, event in batch:
+        emit(event)
+
+
+class Engine:
+    """The decode loop of a server: submit() jobs from any thread; a thread of its own runs
+    them, up to `slots` at once, holding at most max_queue more waiting.
+
+    deliver(batch) receives a step's (emit, event) pairs at once, on the engine's thread; the
+    default calls each emit there. A server sets it to hand the batch to its event loop in one
+    wake-up a step rather than one a token (the loop's thread competes for the GIL and the
+    cores)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        vocab_limit: int,
+        slots: int,
+        max_queue: int,
+        deliver=call_each,
+        own_thread: bool = True,
+    ) -> None:
+        self.generator = Generator(model, vocab_limit=vocab_limit)
+        self.model, self.vocab = self.generator.model, self.generator.vocab
+        config, weight = self.model.config, self.model.transformer.wte.weight
+        self.cache = KVCache.slots(config, slots, config.block_size, weight.device, weight.dtype)
+        for module in self.model.modules():
+            if isinstance(module, NativeLinear) and module.weight.dtype is torch.float32:
+                # a step of up to `slots` rows in native.c: gpt2's 49 float32 products of 16
+                # rows took 50 ms there against 88 in torch (BENCHMARKS.md, serving)
+                module.rows = max(NativeLinear.ROWS, slots)
+        self.rows: list[_Row | None] = [None] * slots
+        self.max_queue = max_queue
+        self._pending: collections.deque[Job] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self.load = Load(slots=slots)
+        self._native = None  # the engine thread's native decoder (one-row steps), or None
+        self.deliver, self._outbox = deliver, []
+        self._thread = None
+        if own_thread:  # else the caller runs run() in a thread of its choosing
+            self._thread = threading.Thread(target=self.run, name="minigpt2-engine", daemon=True)
+            self._thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (one request's choices, all or none); QueueFull when there is no room."""
+        with self._wake:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) + len(jobs) > self.max_queue:
+                raise QueueFull(f"{len(self._pending)} sequences wait already (--max-queue)")
+            self._pending.extend(jobs)
+            self.load.queued = len(self._pending)
+            self._wake.notify()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Take no more jobs; end the running and waiting ones (finish "abort") and stop; wait
+        for the engine's thread (at most a step) unless told not to."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        if wait and self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def run(self) -> None:
+        """The decode loop, in this thread, until shutdown(). A server runs it in the main
+        thread: torch's and native.c's OpenMP work from another thread ran a gpt2 batch step
+        of 4 rows in 47-58 ms against 36-41 from the main one (BENCHMARKS.md, serving)."""
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._pending and not self._live() and not self._closing:
+                        self._wake.wait()
+                    if self._closing:
+                        break
+                    joining = []
+                    free = [i for i, row in enumerate(self.rows) if row is None]
+                    while self._pending and len(joining) < len(free):
+                        joining.append(self._pending.popleft())
+                    self.load.queued = len(self._pending)
+                try:
+                    for slot, job in zip(free, joining, strict=False):
+                        self._join(slot, job)
+                    self._flush()  # first tokens out before the step
+                    self._drop_cancelled()
+                    if self._live():
+                        self._step()
+                except Exception as e:  # a fault ends the running rows, never the server
+                    self.load.last_error = "".join(traceback.format_exception_only(e)).strip()
+                    running = {id(self.rows[slot].job) for slot in self._live()}
+                    for slot in self._live():
+                        self._leave(slot, "error")
+                    for job in joining:
+                        if id(job) not in running and not job.cancelled:
+                            self._outbox.append((job.emit, Event(finish="error")))
+                self._flush()
+            self._abort_all()
+
+    def _flush(self) -> None:
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.deliver(batch)
+
+    def _live(self) -> list[int]:
+        return [i for i, row in enumerate(self.rows) if row is not None]
+
+    def _join(self, slot: int, job: Job) -> None:
+        """Run job's prompt into slot and pick its first token."""
+        if job.cancelled:
+            return
+        self.cache.lengths[slot] = 0
+        alone = self.cache.row(slot)
+        ids = torch.tensor([job.prompt], device=self.cache.kv.device)
+        logits = self.generator.logits(ids, alone)
+        self.cache.lengths[slot], self.cache.live[slot] = alone.pos, True
+        generator = torch.Generator(device=ids.device)
+        seed = job.cfg.seed
+        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
+        self.rows[slot] = _Row(job, ids, generator)
+        # checked here, not at each step: whether the weights changed costs a pass over them
+        self._native = self.generator.native_decoder()
+        self.load.running = len(self._live())
+        self.load.peak = max(self.load.peak, self.load.running)
+        self._advance(slot, logits)
+
+    def _step(self) -> None:
+        """One token for every live row: the native step when one row runs, else a batch."""
+        live = self._live()
+        last = [int(self.rows[i].seq[0, -1]) for i in live]
+        native = self._native if len(live) == 1 else None
+        if native is not None:
+            alone = self.cache.row(live[0])
+            logits = native.step(last[0], alone)[:, : self.vocab]
+            self.cache.lengths[live[0]] = alone.pos
+        else:
+            top = live[-1] + 1  # rows [0, top): holes between live rows run too, unread
+            idx = torch.zeros(top, 1, dtype=torch.long, device=self.cache.kv.device)
+            idx[live, 0] = torch.tensor(last, device=idx.device)
+            hidden = self.model.hidden_states(idx, self.cache)[live, -1]
+            logits = self.model.lm_head(hidden)[:, : self.vocab]
+        self.load.steps += 1
+        for k, slot in enumerate(live):
+            self._advance(slot, logits[k : k + 1])
+
+    def _advance(self, slot: int, logits: torch.Tensor) -> None:
+        """Pick slot's next token from its logits (1, vocab), emit it, and end the row when
+        it is done: end-of-text (stop), max_new_tokens (length) or the context's end."""
+        row = self.rows[slot]
+        cfg = row.job.cfg
+        token = pick_tokens(process_logits(logits, cfg, row.seq), cfg, [row.generator])
+        t = int(token[0])
+        row.seq = torch.cat([row.seq, token[:, None]], dim=1)
+        row.made += 1
+        if cfg.stop_at_eot and t == cfg.eot_id:
+            self._leave(slot, "stop")
+            return
+        event = Event(token=t)
+        if row.job.logprobs is not None:
+            logprobs = torch.log_softmax(logits[0].float(), -1)
+            event.logprob = float(logprobs[t])
+            if row.job.logprobs:
+                values, ids = logprobs.topk(min(row.job.logprobs, logprobs.shape[0]))
+                event.top = list(zip(ids.tolist(), values.tolist(), strict=True))
+        self._outbox.append((row.job.emit, event))
+        full = row.seq.shape[1] >= self.model.config.block_size
+        if row.made >= cfg.max_new_tokens or full:
+            self._leave(slot, "length")
+
+    def _leave(self, slot: int, finish: str | None) -> None:
+        """Free slot; tell its job why it ended (None: it was cancelled, nobody listens)."""
+        row, self.rows[slot] = self.rows[slot], None
+        self.cache.lengths[slot], self.cache.live[slot] = 0, False
+        self.load.running = len(self._live())
+        self.load.served += 1
+        if finish is not None:
+            self._outbox.append((row.job.emit, Event(finish=finish)))
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._live():
+            if self.rows[slot].job.cancelled:
+                self._leave(slot, None)
+                self.load.cancelled += 1
+
+    def _abort_all(self) -> None:
+        for slot in self._live():
+            self._leave(slot, "abort")
+        with self._wake:
+            waiting, self._pending = list(self._pending), collections.deque()
+        for job in waiting:
+            self._outbox.append((job.emit, Event(finish="abort")))
+        self._flush()

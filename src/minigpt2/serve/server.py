@@ -1,0 +1,64 @@
+"""uvicorn's server for the app, beside the engine: the engine's loop in the main thread,
+HTTP in a thread of its own; SIGINT and SIGTERM end both cleanly."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import uvicorn
+
+from ..errors import MiniGPT2Error
+from .engine import Engine
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, stopped by stop() rather than by signals of its own (it runs outside
+    the main thread, where Python delivers signals)."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.ready = threading.Event()
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        for server in self.servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                print(f"minigpt2 serve: listening on http://{host}:{port}", flush=True)
+        self.ready.set()
+
+
+def serve(config: uvicorn.Config, engine: Engine) -> None:
+    """Serve until SIGINT or SIGTERM: then take no more requests, end the running ones (each
+    stream gets its last chunk, finish_reason "abort") so that their connections close, and
+    return (exit 0, where uvicorn alone would raise the signal again)."""
+    server = Server(config)
+
+    def http_side() -> None:
+        try:
+            server.run()
+        finally:  # ended (stopped, or never started): the engine ends with it
+            engine.shutdown(wait=False)
+
+    http = threading.Thread(target=http_side, name="minigpt2-http", daemon=True)
+
+    def stop(sig: int, frame) -> None:
+        engine.shutdown(wait=False)
+        if server.should_exit and sig == signal.SIGINT:
+            server.force_exit = True  # a second Ctrl-C: stop now
+        server.should_exit = True
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        engine.run()  # until stop(), or until the HTTP side ends
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if not server.ready.is_set():
+        raise MiniGPT2Error(
+            f"could not listen on {config.host}:{config.port}: in use, or not an address of "
+            "this machine; choose another --host or --port"
+        )
