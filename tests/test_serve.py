@@ -348,3 +348,33 @@ def test_the_engine_in_bfloat16_batches_and_survives_a_fault(model_dir):
         assert ended.wait(30) and got[3][-1].finish == "length"
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["serve", "--max-batch", "0"], "--max-batch=0 must be >= 1"),
+        (["serve", "--max-queue", "-1"], "--max-queue=-1 must be >= 1"),
+        (["serve", "--port", "70000"], "--port=70000 is no port"),
+        (["serve", "--model", "no/such/run"], "no/such/run"),
+        (["chat", "--max-new-tokens", "0"], "--max-new-tokens=0 must be >= 1"),
+        (["chat", "--model", "no/such/run"], "no/such/run"),
+    ],
+)
+def test_bad_serve_and_chat_options_are_one_line(argv, says, capsys, tmp_path, monkeypatch):
+    """Refused before anything starts: one line, exit 2, nothing written."""
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and says in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_port_in_use_is_one_line(model_dir, server):
+    port = server.rsplit(":", 1)[1]
+    args = [sys.executable, "-m", "minigpt2", "serve", "--model", str(model_dir)]
+    args += ["--tokenizer", "byte", "--port", port, "--threads", "1"]
+    child = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert child.returncode == 2
+    err = child.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: could not listen on"), err

@@ -12,8 +12,8 @@ import sys
 
 from ..data.records import chat_prompt
 from ..decode.generate import Generator, SamplingConfig
+from ..decode.text import ChoiceText
 from ..errors import MiniGPT2Error
-from ..serve.text import ChoiceText
 from .options import add_model_options, add_sampling_options, load_for_generation
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import json
 import sys
 from dataclasses import replace
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from ..data.records import RECORD_FORMATS, read_prompts, wrap_prompt
 from ..decode.generate import GenerationStats, Generator, SamplingConfig
+from ..decode.text import ChoiceText
 from ..errors import MiniGPT2Error
 from .options import add_model_options, add_sampling_options, load_for_generation
 
@@ -140,7 +140,7 @@ def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None
     """One prompt, num_samples samples: streamed text, or a block / JSON object per sample."""
     steps = gen.stream([prompt] * args.num_samples, cfg, not args.no_cache, stats)
     streaming = args.num_samples == 1 and not args.json
-    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # never half a character
+    shown = ChoiceText(tok, [])  # whole characters only
     rows: list[list[int]] = [[] for _ in range(args.num_samples)]
     if streaming and echo:
         sys.stdout.write(text)
@@ -148,12 +148,12 @@ def _sample_prompt(gen, args, cfg, tok, text, prompt, stats, echo: bool) -> None
         for row, t in zip(rows, token.tolist(), strict=True):
             row.append(t)
         if streaming and not (cfg.stop_at_eot and rows[0][-1] == tok.eot_id):
-            sys.stdout.write(decoder.decode(tok.decode_bytes(rows[0][-1:])))
+            sys.stdout.write(shown.add(rows[0][-1]))
             sys.stdout.flush()
     if cfg.stop_at_eot:
         rows = [r[: r.index(tok.eot_id) + 1] if tok.eot_id in r else r for r in rows]
     if streaming:
-        sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+        sys.stdout.write(shown.flush() + "\n")
     for i, row in enumerate(rows if not streaming else []):
         if args.json:
             print(_sample_json(text, tok, cfg, row, stats.finish[i]))

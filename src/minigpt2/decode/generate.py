@@ -84,6 +84,18 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list) -> 
     )
 
 
+def fresh_seed() -> int:
+    """A seed drawn from the OS, for a run given none."""
+    return int.from_bytes(os.urandom(7), "little")
+
+
+def seeded_generator(seed: int, device) -> torch.Generator:
+    """A private generator: draws from it leave the global RNG untouched."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
 @dataclass
 class GenerationStats:
     """What one generate() call did, for the timing line."""
@@ -192,10 +204,8 @@ class Generator:
             real[i, width - len(p) :] = True
             seq[i, : width - len(p)] = p[-1]  # a seen token, so repetition_penalty ignores pads
         mask = None if bool(real.all()) else real
-        gens = [torch.Generator(device=device) for _ in range(n)]
-        base = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(7), "little")
-        for i, g in enumerate(gens):  # private generators: the global RNG stays untouched
-            g.manual_seed(base + i)
+        base = cfg.seed if cfg.seed is not None else fresh_seed()
+        gens = [seeded_generator(base + i, device) for i in range(n)]
         room = min(block, width + cfg.max_new_tokens)  # what this call can fill, no more
         cache = KVCache(self.model.config, n, room, device, self.dtype) if use_cache else None
         stats = stats or GenerationStats()

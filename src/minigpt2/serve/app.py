@@ -20,6 +20,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
+from ..decode.text import ChoiceText
 from ..errors import MiniGPT2Error
 from .engine import Engine, Event, Job, QueueFull, call_each
 from .protocol import (
@@ -35,7 +36,6 @@ from .protocol import (
     read_knobs,
     usage,
 )
-from .text import ChoiceText
 
 
 @dataclass

@@ -12,7 +12,6 @@ generator and token history, so a sequence gets the tokens it would get alone.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import traceback
 from collections.abc import Callable
@@ -20,7 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ..decode.generate import Generator, SamplingConfig, pick_tokens, process_logits
+from ..decode.generate import (
+    Generator,
+    SamplingConfig,
+    fresh_seed,
+    pick_tokens,
+    process_logits,
+    seeded_generator,
+)
 from ..decode.native import NativeLinear
 from ..errors import MiniGPT2Error
 from ..model.attention import KVCache
@@ -71,7 +77,6 @@ class Load:
     peak: int = 0  # the most rows that ran together
     queued: int = 0
     steps: int = 0
-    served: int = 0
     cancelled: int = 0  # rows freed because nobody waited for them any more
     slots: int = 0
     last_error: str | None = None
@@ -194,10 +199,8 @@ class Engine:
         ids = torch.tensor([job.prompt], device=self.cache.kv.device)
         logits = self.generator.logits(ids, alone)
         self.cache.lengths[slot], self.cache.live[slot] = alone.pos, True
-        generator = torch.Generator(device=ids.device)
-        seed = job.cfg.seed
-        generator.manual_seed(seed if seed is not None else int.from_bytes(os.urandom(7), "little"))
-        self.rows[slot] = _Row(job, ids, generator)
+        seed = job.cfg.seed if job.cfg.seed is not None else fresh_seed()
+        self.rows[slot] = _Row(job, ids, seeded_generator(seed, ids.device))
         # checked here, not at each step: whether the weights changed costs a pass over them
         self._native = self.generator.native_decoder()
         self.load.running = len(self._live())
@@ -252,7 +255,6 @@ class Engine:
         row, self.rows[slot] = self.rows[slot], None
         self.cache.lengths[slot], self.cache.live[slot] = 0, False
         self.load.running = len(self._live())
-        self.load.served += 1
         if finish is not None:
             self._outbox.append((row.job.emit, Event(finish=finish)))
 

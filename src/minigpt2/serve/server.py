@@ -4,6 +4,7 @@ HTTP in a thread of its own; SIGINT and SIGTERM end both cleanly."""
 from __future__ import annotations
 
 import signal
+import socket
 import threading
 
 import uvicorn
@@ -29,15 +30,31 @@ class Server(uvicorn.Server):
         self.ready.set()
 
 
+def _bound(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (uvicorn listens on it), or the one-line error."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise MiniGPT2Error(
+            f"could not listen on {host}:{port}: {e.strerror}; choose another --host or --port"
+        ) from None
+    return sock
+
+
 def serve(config: uvicorn.Config, engine: Engine) -> None:
     """Serve until SIGINT or SIGTERM: then take no more requests, end the running ones (each
     stream gets its last chunk, finish_reason "abort") so that their connections close, and
     return (exit 0, where uvicorn alone would raise the signal again)."""
     server = Server(config)
+    sock = _bound(config.host, config.port)  # before any thread starts: a taken port is one line
 
     def http_side() -> None:
         try:
-            server.run()
+            server.run(sockets=[sock])
         finally:  # ended (stopped, or never started): the engine ends with it
             engine.shutdown(wait=False)
 
@@ -58,7 +75,4 @@ def serve(config: uvicorn.Config, engine: Engine) -> None:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if not server.ready.is_set():
-        raise MiniGPT2Error(
-            f"could not listen on {config.host}:{config.port}: in use, or not an address of "
-            "this machine; choose another --host or --port"
-        )
+        raise MiniGPT2Error(f"the HTTP server on {config.host}:{config.port} did not start")

@@ -1,5 +1,6 @@
-"""The text of one choice as its tokens arrive: whole characters only, cut exactly before the
-first stop string, and never sending text that a stop string may yet start with."""
+"""The text of one generated sequence as its tokens arrive (sample, chat, serve): whole
+characters only, cut exactly before the first stop string, and never sending text that a stop
+string may yet start with."""
 
 from __future__ import annotations
 
