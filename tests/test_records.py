@@ -248,7 +248,7 @@ def test_batch_file_writes_one_object_per_prompt_in_order(record_run, tmp_path):
     "name, content, message",
     [
         ("p.jsonl", '{"prompt": "a"}\n{"prompt": \n', "p.jsonl: invalid JSON at line 2"),
-        ("p.jsonl", '{"text": "a"}\n', "p.jsonl: prompt 1 has no string 'prompt' field"),
+        ("p.jsonl", '{"text": "a"}\n', "p.jsonl: record 1 has no string 'prompt' field"),
         ("p.txt", "\n\n", "p.txt holds no prompts"),
         ("p.csv", "a\n", "use .jsonl"),
         ("p.txt", "a\n", "not both"),

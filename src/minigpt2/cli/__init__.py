@@ -17,8 +17,9 @@ COMMANDS = {
     "sample": ("sample", "sample_main", "generate text from a checkpoint or released model"),
     "serve": ("serve", "serve_main", "serve a model over OpenAI's HTTP API, with a chat page"),
     "chat": ("chat", "chat_main", "a conversation with a model in the terminal"),
+    "classify": ("classify", "classify_main", "label texts with a model trained to classify"),
     "export": ("export", "export_main", "write the released layout (+ tokenizer) or a GGUF file"),
-    "eval": ("eval", "eval_main", "perplexity of a text, or HellaSwag accuracy"),
+    "eval": ("eval", "eval_main", "perplexity of a text, HellaSwag, or a classifier's accuracy"),
     "lm-eval": ("eval", "lm_eval_main", "EleutherAI's lm-evaluation-harness on a model"),
 }
 

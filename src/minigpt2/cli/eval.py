@@ -12,11 +12,13 @@ from tqdm import tqdm
 
 from ..data.batches import open_corpus
 from ..data.corpus import DECODE_ERRORS
+from ..data.labels import read_labelled, tokenize_labelled
 from ..errors import MiniGPT2Error
+from ..evaluate.classify import check_classifier, classification_scores
 from ..evaluate.scoring import hellaswag, perplexity, perplexity_windows, read_hellaswag
 from .options import add_model_options, load_for_generation
 
-TASKS = ("perplexity", "hellaswag")
+TASKS = ("perplexity", "hellaswag", "classification")
 HELLASWAG_HF = "hf:Rowan/hellaswag"
 
 
@@ -33,7 +35,8 @@ def parser() -> argparse.ArgumentParser:
         "--data",
         default=None,
         help="perplexity: a file, directory, glob, stdlib, hf:NAME or prepared directory; "
-        f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF})"
+        f"hellaswag: a JSONL file in the original format (default: {HELLASWAG_HF}); "
+        "classification: a .jsonl, .json or .csv file of text and label"
         "%(default).0s",  # names the default itself: argparse would add "(default: None)"
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -41,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
         "--stride", type=int, default=None, help="tokens between windows (None: half the context)"
     )
     p.add_argument("--split", default="all", help="all, or val: a corpus' validation split")
-    p.add_argument("--limit", type=int, default=None, help="hellaswag: the first N examples")
+    p.add_argument("--limit", type=int, default=None, help="the first N examples or records")
     p.add_argument("--batch-size", type=int, default=8, help="contexts scored together")
     p.add_argument("--data-cache", default=None, help="where prepared corpora are cached")
     p.add_argument("--hf-split", default="train", help="split of an hf: corpus")
@@ -67,10 +70,10 @@ def eval_main(argv: list[str]) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise MiniGPT2Error(f"--{name.replace('_', '-')}={value} must be at least 1")
-    if args.task == "perplexity" and not args.data:
-        raise MiniGPT2Error("--task perplexity needs --data (a text file, directory, ...)")
+    if args.task in ("perplexity", "classification") and not args.data:
+        raise MiniGPT2Error(f"--task {args.task} needs --data (a file of text, or of records)")
     model, _, tok = load_for_generation(args, sequences=0)  # scoring: hundreds of rows
-    run = _perplexity if args.task == "perplexity" else _hellaswag
+    run = {"perplexity": _perplexity, "hellaswag": _hellaswag}.get(args.task, _classification)
     result = {"task": args.task, "model": args.model, **run(model, tok, args)}
     if args.json:
         print(json.dumps(result))
@@ -130,6 +133,19 @@ def _hellaswag(model, tok, args) -> dict:
     with _bar(len(examples), "example") as bar:
         result = hellaswag(model, tok, examples, args.batch_size, bar.update)
     return {"data": data, **result}
+
+
+def _classification(model, tok, args) -> dict:
+    """Examples, accuracy and mean cross-entropy of a classifier on labelled records."""
+    names = check_classifier(model, args.model)
+    records, source = read_labelled(args.data, args.hf_split)
+    if args.limit:
+        records = records[: args.limit]
+    _, data = tokenize_labelled(records, tok, names, 0, source)
+    return {
+        "data": args.data,
+        **classification_scores(model, data.ids, data.labels, args.batch_size),
+    }
 
 
 def lm_eval_main(argv: list[str]) -> int:

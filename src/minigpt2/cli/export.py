@@ -111,6 +111,11 @@ def _export_adapters(args, gguf: bool) -> int:
             f"--adapter-only exports a LoRA run's adapters and {args.source} has none; "
             "drop --adapter-only to export the whole model"
         )
+    if header["model_config"].get("labels"):
+        raise MiniGPT2Error(
+            f"{args.source} is a classifier, whose head PEFT's LoRA layout does not carry; "
+            "drop --adapter-only to export the whole model"
+        )
 
     written = replace_dir(
         Path(args.dest), lambda new: save_peft_adapter(tensors, header["lora"], new)

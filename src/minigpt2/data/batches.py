@@ -112,8 +112,9 @@ class Batch:
     x: torch.Tensor  # (B, T) token ids
     y: torch.Tensor  # (B, T) targets
     attention_mask: torch.Tensor | None  # (B, T), 1 for real tokens; None when none is padding
-    counted: int  # targets that count in the loss
+    counted: int  # targets that count in the loss (pairs for DPO, records for a classifier)
     tokens: int  # real input tokens (for throughput)
+    reference: torch.Tensor | None = None  # DPO: the reference's log-probability of each row
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -196,14 +197,70 @@ class Batches(Sampler):
         return self.get(k, batch_size, device=device)
 
 
-class RecordBatches(Sampler):
-    """Batches of whole records, padded on the right to the longest in the batch.
+class RecordOrder(Sampler):
+    """Whole items (records, pairs) walked epoch by epoch, each epoch in its own order drawn
+    from (seed, stream, epoch), so a step's items depend only on the step. Evaluation scores
+    every item once (exhaustive) or a fixed sample of eval_iters batches, longest first so that
+    batches hold little padding. A subclass sets lengths (input tokens of each item), counts
+    (what each weighs in the loss) and widths (its padded length), and makes batches."""
 
-    Training walks through the records epoch by epoch, each epoch in its own order drawn from
-    (seed, stream, epoch), so a step's records depend only on the step. Evaluation scores
-    every record once (exhaustive) or a fixed sample of eval_iters batches, sorted by length
-    so that batches hold little padding.
-    """
+    lengths: np.ndarray
+    counts: np.ndarray
+    widths: np.ndarray
+
+    def __init__(self, seed: int, stream: int, exhaustive: bool) -> None:
+        self.seed, self.stream, self.exhaustive = seed, stream, exhaustive
+        self._orders: dict[int, np.ndarray] = {}  # epoch -> order (the last few)
+        self._eval_orders: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 4:
+                self._orders.clear()
+            rng = np.random.default_rng([self.seed, self.stream, epoch])
+            self._orders[epoch] = rng.permutation(len(self))
+        return self._orders[epoch]
+
+    def picks(self, step: int, global_count: int) -> list[int]:
+        """The items of the step's global batch."""
+        n, first = len(self), step * global_count
+        return [int(self._order(p // n)[p % n]) for p in range(first, first + global_count)]
+
+    def sizes(self, step: int, global_count: int) -> tuple[int, int]:
+        """(input tokens, counted units) of the step's global batch; the counted units weight
+        the micro-batches of accumulation."""
+        pick = self.picks(step, global_count)
+        return int(self.lengths[pick].sum()), int(self.counts[pick].sum())
+
+    def _eval_order(self, batch_size: int, eval_iters: int) -> np.ndarray:
+        """Items of an evaluation, longest first: all of them, or a fixed sample."""
+        key = (batch_size, eval_iters)
+        if key not in self._eval_orders:
+            n = len(self)
+            pick = np.arange(n)
+            if not self.exhaustive:
+                pick = np.random.default_rng([self.seed, self.stream]).permutation(n)
+                pick = pick[: eval_iters * batch_size]
+            self._eval_orders[key] = pick[np.argsort(-self.widths[pick], kind="stable")]
+        return self._eval_orders[key]
+
+    def eval_batches(self, batch_size: int, eval_iters: int) -> int:
+        """How many batches one evaluation takes."""
+        return -(-len(self._eval_order(batch_size, eval_iters)) // batch_size)
+
+    def eval_batch(
+        self, k: int, batch_size: int, eval_iters: int, device: torch.device | str = "cpu"
+    ) -> Batch:
+        """Evaluation batch k: the k-th batch_size items of the evaluation's order."""
+        order = self._eval_order(batch_size, eval_iters)
+        return self.batch(order[k * batch_size : (k + 1) * batch_size].tolist(), device)
+
+
+class RecordBatches(RecordOrder):
+    """Batches of whole records, padded on the right to the longest in the batch."""
 
     def __init__(
         self,
@@ -213,6 +270,7 @@ class RecordBatches(Sampler):
         stream: int = 0,
         exhaustive: bool = False,
     ) -> None:
+        super().__init__(seed, stream, exhaustive)
         self.ids, self.mask, self.cut = [], [], 0
         for ids, counted, prompt, n in zip(
             records.ids, records.counted, records.prompt_lengths, records.numbers, strict=True
@@ -231,25 +289,7 @@ class RecordBatches(Sampler):
         self.prompt_lengths = records.prompt_lengths
         self.counts = np.array([m.sum() for m in self.mask], dtype=np.int64)
         self.lengths = np.array([len(m) for m in self.mask], dtype=np.int64)  # input tokens
-        self.seed, self.stream, self.exhaustive = seed, stream, exhaustive
-        self._orders: dict[int, np.ndarray] = {}  # epoch -> order (the last few)
-        self._eval_orders: dict[tuple[int, int], np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            if len(self._orders) > 4:
-                self._orders.clear()
-            rng = np.random.default_rng([self.seed, self.stream, epoch])
-            self._orders[epoch] = rng.permutation(len(self.ids))
-        return self._orders[epoch]
-
-    def picks(self, step: int, global_count: int) -> list[int]:
-        """The records of the step's global batch."""
-        n, first = len(self.ids), step * global_count
-        return [int(self._order(p // n)[p % n]) for p in range(first, first + global_count)]
+        self.widths = self.lengths
 
     def batch(self, indices: list[int], device: torch.device | str = "cpu") -> Batch:
         """The records at indices, padded on the right; padding and uncounted targets are -1."""
@@ -263,33 +303,3 @@ class RecordBatches(Sampler):
             y[row, :n] = np.where(self.mask[i], ids[1:], -1)
         tensors = [_to_device(torch.from_numpy(a), device) for a in (x, y, real)]
         return Batch(*tensors, int(self.counts[indices].sum()), int(self.lengths[indices].sum()))
-
-    def sizes(self, step: int, global_count: int) -> tuple[int, int]:
-        """(input tokens, counted targets) of the step's global batch; the counted targets
-        weight the micro-batches of token-weighted accumulation."""
-        pick = self.picks(step, global_count)
-        return int(self.lengths[pick].sum()), int(self.counts[pick].sum())
-
-    def _eval_order(self, batch_size: int, eval_iters: int) -> np.ndarray:
-        """Records of an evaluation, longest first: all of them, or a fixed sample."""
-        key = (batch_size, eval_iters)
-        if key not in self._eval_orders:
-            n = len(self.ids)
-            pick = np.arange(n)
-            if not self.exhaustive:
-                pick = np.random.default_rng([self.seed, self.stream]).permutation(n)
-                pick = pick[: eval_iters * batch_size]
-            lengths = np.array([len(self.ids[i]) for i in pick])
-            self._eval_orders[key] = pick[np.argsort(-lengths, kind="stable")]
-        return self._eval_orders[key]
-
-    def eval_batches(self, batch_size: int, eval_iters: int) -> int:
-        """How many batches one evaluation takes."""
-        return -(-len(self._eval_order(batch_size, eval_iters)) // batch_size)
-
-    def eval_batch(
-        self, k: int, batch_size: int, eval_iters: int, device: torch.device | str = "cpu"
-    ) -> Batch:
-        """Evaluation batch k: the k-th batch_size records of the evaluation's order."""
-        order = self._eval_order(batch_size, eval_iters)
-        return self.batch(order[k * batch_size : (k + 1) * batch_size].tolist(), device)

@@ -27,7 +27,7 @@ from .corpus import check_hub, dataset_error, resolve_source
 from .tokenizer import Tokenizer
 
 RECORD_FORMATS = ("instruction", "prompt_completion", "chat")
-DATA_FORMATS = ("auto", "text", *RECORD_FORMATS)
+DATA_FORMATS = ("auto", "text", *RECORD_FORMATS, "preference")  # preference: data/preference.py
 RECORD_SUFFIXES = (".json", ".jsonl")
 
 # Stanford Alpaca's two prompts, character for character (litgpt's alpaca template too).
@@ -57,6 +57,8 @@ def detect_format(record: dict) -> str | None:
     """The record format whose fields a record has, or None."""
     if not isinstance(record, dict):
         return None
+    if "chosen" in record and "rejected" in record:
+        return "preference"
     if "messages" in record:
         return "chat"
     if "instruction" in record and "output" in record:
@@ -124,7 +126,9 @@ def _conversation(messages, where: str) -> tuple[list[tuple[str, bool]], str]:
     return out, pending
 
 
-def chat_prompt(messages: list, fmt: str, tokenizer: Tokenizer) -> list[int]:
+def chat_prompt(
+    messages: list, fmt: str, tokenizer: Tokenizer, where: str = "messages"
+) -> list[int]:
     """Token ids that ask a model trained on fmt data for the next assistant message.
 
     Instruction models (Alpaca's template) see the last user message alone: they were trained
@@ -132,11 +136,11 @@ def chat_prompt(messages: list, fmt: str, tokenizer: Tokenizer) -> list[int]:
     see the whole conversation in the chat records' template: each message under its role's
     header (### User:), each assistant message closed by end-of-text as in training, then the
     assistant's header."""
-    pieces, pending = _conversation(messages, "messages")
+    pieces, pending = _conversation(messages, where)
     if fmt == "instruction":
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
-            raise MiniGPT2Error("messages: an instruction model needs a user message")
+            raise MiniGPT2Error(f"{where}: an instruction model needs a user message")
         return tokenizer.encode(ALPACA_NO_INPUT.format(instruction=users[-1]))
     ids: list[int] = []
     for text, is_response in [*pieces, (pending + _chat_header("assistant"), False)]:
@@ -172,26 +176,36 @@ def read_json_records(path: Path, what: str = "records") -> list:
     return records
 
 
+def read_lines(file: Path, what: str) -> list[str]:
+    """The non-empty lines of a text file, each one of what (prompts, texts)."""
+    try:
+        lines = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise MiniGPT2Error(f"cannot read {file}: {e}") from None
+    if not lines:
+        raise MiniGPT2Error(f"{file} holds no {what}; it needs at least one")
+    return lines
+
+
+def read_field(file: Path, key: str, what: str) -> list[str]:
+    """The string field key of every record of a .jsonl/.json file."""
+    rows = read_json_records(file, what)
+    for n, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get(key), str):
+            raise MiniGPT2Error(f"{file}: record {n} has no string {key!r} field")
+    return [row[key] for row in rows]
+
+
 def read_prompts(path: str) -> list[str]:
     """Prompts of a batch file: .jsonl with one {"prompt": ...} a line, or .txt, one a line."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise MiniGPT2Error(f"batch file {path} not found")
     if file.suffix.lower() == ".txt":
-        try:
-            prompts = [ln for ln in file.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise MiniGPT2Error(f"cannot read {file}: {e}") from None
-        if not prompts:
-            raise MiniGPT2Error(f"{file} holds no prompts; it needs at least one")
-        return prompts
+        return read_lines(file, "prompts")
     if file.suffix.lower() != ".jsonl":
         raise MiniGPT2Error(f"batch file {file}: use .jsonl (one {{'prompt': ...}} a line) or .txt")
-    rows = read_json_records(file, "prompts")
-    for n, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-            raise MiniGPT2Error(f"{file}: prompt {n} has no string 'prompt' field")
-    return [row["prompt"] for row in rows]
+    return read_field(file, "prompt", "prompts")
 
 
 @dataclass
@@ -231,6 +245,11 @@ def tokenize_records(
                 + "; ".join(f"{k}: {v}" for k, v in _FIELDS.items())
             )
         fmt = first
+    if fmt == "preference":
+        raise MiniGPT2Error(
+            f"{source} holds preference records (chosen, rejected): train on them with "
+            "--objective=dpo"
+        )
     pieces, where = [], []
     for n, record in enumerate(records, 1):
         at = f"{source}: record {n}"
@@ -300,20 +319,29 @@ def load_records(
 ) -> RecordData:
     """Read, check and tokenize a record file (or an hf: dataset's split); validation is its
     last val_fraction of records."""
-    if path.startswith("hf:"):
-        records, file = read_hf_records(path, hf_split), path
-    else:
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise MiniGPT2Error(f"record file {path} not found")
-        records = read_json_records(file)
+    records, file = read_records(path, hf_split)
     found = detect_format(records[0]) if fmt == "auto" else fmt
-    data = tokenize_records(records, fmt, tokenizer, mask_prompt, str(file))
-    n_val = max(1, round(len(records) * val_fraction))
-    if n_val >= len(records):
+    data = tokenize_records(records, fmt, tokenizer, mask_prompt, file)
+    cut = training_share(len(records), val_fraction, file)
+    return RecordData(found, data.subset(range(cut)), data.subset(range(cut, len(records))))
+
+
+def read_records(path: str, hf_split: str = "train") -> tuple[list, str]:
+    """(records, where they came from) of a .json/.jsonl file or an hf: dataset's split."""
+    if path.startswith("hf:"):
+        return read_hf_records(path, hf_split), path
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MiniGPT2Error(f"record file {path} not found")
+    return read_json_records(file), str(file)
+
+
+def training_share(count: int, val_fraction: float, source: str) -> int:
+    """How many of count records train: all but the last val_fraction (at least one held out)."""
+    n_val = max(1, round(count * val_fraction))
+    if n_val >= count:
         raise MiniGPT2Error(
-            f"{file}: {len(records)} record(s) leave none for training after holding out "
+            f"{source}: {count} record(s) leave none for training after holding out "
             f"val_fraction={val_fraction} ({n_val}) for validation; add records"
         )
-    cut = len(records) - n_val
-    return RecordData(found, data.subset(range(cut)), data.subset(range(cut, len(records))))
+    return count - n_val

@@ -89,6 +89,11 @@ def check_outtype(outtype: str) -> None:
 def check_gguf_export(model: GPT, tokenizer: Tokenizer | None, outtype: str) -> None:
     """Refuse, before writing anything, what a GGUF file for llama.cpp cannot hold."""
     check_outtype(outtype)
+    if model.config.labels:
+        raise MiniGPT2Error(
+            "a classifier (a score head) has no GGUF form llama.cpp runs; export a directory, "
+            "which transformers loads as GPT2ForSequenceClassification"
+        )
     if model.config.pos_embedding != "learned":
         raise MiniGPT2Error(
             f"llama.cpp's gpt2 architecture has learned positions; a model with "

@@ -124,6 +124,9 @@ def build_lora_model(
             f"loaded ({e}); put that model back where it was"
         ) from None
     check_base(model, header["model_config"], source)
+    labels = tuple(header["model_config"].get("labels", ()))
+    if labels:  # a classifier: the base's head is replaced by the one saved with the adapters
+        model.set_labels(labels)
     cfg = LoRAConfig(saved["r"], saved["alpha"], saved["dropout"], tuple(saved["targets"]))
     apply_lora(model, cfg, base_dtype)
     adapters = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}

@@ -93,7 +93,21 @@ def config_from_hf(hf: dict, path: Path) -> GPTConfig:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise MiniGPT2Error(f"{path}: unsupported GPT-2 variant ({', '.join(bad)} differ)")
-    return GPTConfig(**cfg, gelu=ACTIVATIONS[hf.get("activation_function", "gelu_new")])
+    return GPTConfig(
+        **cfg, gelu=ACTIVATIONS[hf.get("activation_function", "gelu_new")], labels=_labels(hf)
+    )
+
+
+def _labels(hf: dict) -> tuple[str, ...]:
+    """A sequence classifier's class names by id (config.json's id2label); () for a language
+    model, whose config carries transformers' default id2label too."""
+    if "GPT2ForSequenceClassification" not in hf.get("architectures", ()):
+        return ()
+    names = hf.get("id2label") or {str(i): f"LABEL_{i}" for i in range(hf.get("num_labels", 2))}
+    try:
+        return tuple(names[str(i)] for i in range(len(names)))
+    except KeyError:
+        raise MiniGPT2Error(f"id2label {names} does not number its classes 0..N-1") from None
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -200,8 +214,17 @@ def released_state(model: GPT) -> dict[str, torch.Tensor]:
 def hf_config(config: GPTConfig, eot_id: int | None = None) -> dict:
     """config.json contents that transformers' GPT2Config reads back into the same shape."""
     eot = eot_id if eot_id is not None else min(50256, config.vocab_size - 1)
+    classes = {}
+    if config.labels:  # transformers' classifier reads the last token before pad_token_id
+        classes = {
+            "num_labels": len(config.labels),
+            "id2label": dict(enumerate(config.labels)),
+            "label2id": {name: i for i, name in enumerate(config.labels)},
+            "pad_token_id": eot,
+        }
     return {
-        "architectures": ["GPT2LMHeadModel"],
+        "architectures": ["GPT2ForSequenceClassification" if config.labels else "GPT2LMHeadModel"],
+        **classes,
         "model_type": "gpt2",
         "vocab_size": config.vocab_size,
         "n_positions": config.block_size,

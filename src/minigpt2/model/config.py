@@ -24,8 +24,12 @@ class GPTConfig:
     attn_impl: str = "sdpa"  # "sdpa" (fused kernels) or "math" (explicit masked softmax)
     pos_embedding: str = "learned"  # "learned" (GPT-2's) or "sinusoidal" (fixed; Vaswani et al.)
     gelu: str = "tanh"  # "tanh" (GPT-2's approximation) or "exact" (erf: nanoGPT's nn.GELU)
+    labels: tuple[str, ...] = ()  # class names by id; any: a `score` head classifies sequences
 
     def __post_init__(self) -> None:
+        self.labels = tuple(str(name) for name in self.labels)  # JSON gives a list
+        if len(set(self.labels)) != len(self.labels):
+            raise MiniGPT2Error(f"model config: labels {list(self.labels)} name a class twice")
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) < 1:
                 raise MiniGPT2Error(f"model config: {name} must be at least 1")

@@ -118,6 +118,8 @@ class GPT(nn.Module):
             )
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
             self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+            if config.labels:  # a sequence classifier's head (transformers' name for it)
+                self.score = nn.Linear(config.n_embd, len(config.labels), bias=False)
         self.activation_checkpointing = False  # a training choice; set by the trainer
         if device.type != "meta":  # meta: weights about to be loaded or sharded (FSDP)
             self._allocate(device)
@@ -164,6 +166,15 @@ class GPT(nn.Module):
         """Recompute the buffers that are not saved (after memory was given to a meta model)."""
         if isinstance(self.transformer.wpe, SinusoidalPositions):
             self.transformer.wpe.reset_table()
+
+    @torch.no_grad()
+    def set_labels(self, labels: tuple[str, ...]) -> None:
+        """Give the model a fresh `score` head for these classes, drawn as transformers draws
+        GPT2ForSequenceClassification's (normal, std initializer_range = 0.02)."""
+        self.config.labels = tuple(labels)
+        weight = self.transformer.wte.weight
+        self.score = nn.Linear(self.config.n_embd, len(labels), bias=False, device=weight.device)
+        nn.init.normal_(self.score.weight, mean=0.0, std=0.02)
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every block's attention to "sdpa" or "math" (the weights do not change)."""
@@ -260,11 +271,16 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        head: str = "lm",
     ):
         """Logits (B, T, vocab) for idx (B, T); with targets (B, T), also the mean cross-entropy
         over the targets that count: -1 (nanoGPT) and -100 (transformers) are ignored.
-        attention_mask (B, T) marks real tokens with 1 and padding with 0."""
-        logits = self.lm_head(self.hidden_states(idx, attention_mask=attention_mask))
+        attention_mask (B, T) marks real tokens with 1 and padding with 0. head="score": class
+        logits instead (a classifier's; targets are then labels, (B,))."""
+        hidden = self.hidden_states(idx, attention_mask=attention_mask)
+        if head == "score":
+            return self._classify(hidden, targets, attention_mask)
+        logits = self.lm_head(hidden)
         if targets is None:
             return logits
         targets = targets.masked_fill(targets == -100, IGNORE_INDEX)
@@ -274,6 +290,20 @@ class GPT(nn.Module):
             ignore_index=IGNORE_INDEX,
         )
         return logits, loss
+
+    def _classify(self, hidden, labels, attention_mask):
+        """Class logits (B, labels) read at each row's last real token, as transformers'
+        GPT2ForSequenceClassification reads them; with labels (B,), also their mean
+        cross-entropy."""
+        B, T, _ = hidden.shape
+        last = torch.full((B,), T - 1, device=hidden.device)
+        if attention_mask is not None:  # the highest position holding a real token
+            at = torch.arange(T, device=hidden.device)
+            last = (at * attention_mask.to(hidden.device).long()).argmax(-1)
+        logits = self.score(hidden[torch.arange(B, device=hidden.device), last])
+        if labels is None:
+            return logits
+        return logits, F.cross_entropy(logits.float(), labels)
 
     def crop_block_size(self, block_size: int) -> None:
         """Shrink the context (and the position table) to block_size, e.g. to fine-tune cheaper."""

@@ -8,6 +8,7 @@ as `lora_A` / `lora_B`, so the base keeps its parameter names.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class LoRALinear(nn.Linear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.r, self.scaling = r, alpha / max(r, 1)
+        self.enabled = True  # off: the base layer alone (adapters_off)
         self.dropout = nn.Dropout(dropout)
         if r:
             device = base.weight.device
@@ -78,7 +80,7 @@ class LoRALinear(nn.Linear):
             out = F.linear(x, self.weight, self.bias)
         else:  # a base held in bfloat16 under float32: its product in bfloat16, as autocast's
             out = F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-        if self.r:
+        if self.r and self.enabled:
             out = out + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scaling
         return out
 
@@ -100,8 +102,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_lora(model: nn.Module, cfg: LoRAConfig, base_dtype: torch.dtype | None = None) -> None:
     """Freeze every parameter, then give the targeted layers adapters (in place). With
     base_dtype, the blocks' frozen weight matrices are held in it (bfloat16: half the memory)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "score.weight")  # a classifier's new head always trains
     suffixes = tuple(s for t in cfg.targets for s in TARGETS[t])
     for name, layer in _named_linears(model).items():
         targeted = name.endswith(suffixes)
@@ -116,10 +118,29 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, base_dtype: torch.dtype | None
         _set_module(model, name, adapted)
 
 
+@contextlib.contextmanager
+def adapters_off(model: nn.Module):
+    """Within the block, the model computes as its base: every adapter is skipped (DPO's
+    reference with LoRA, without a second copy of the model)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
+
+
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapters' tensors by parameter name (what a LoRA checkpoint holds)."""
+    """The adapters' tensors by parameter name, and a classifier's head, which trains beside
+    them (what a LoRA checkpoint holds)."""
     model = getattr(model, "_orig_mod", model)
-    return {n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    return {
+        n: p
+        for n, p in model.named_parameters()
+        if n.endswith((".lora_A", ".lora_B")) or n == "score.weight"
+    }
 
 
 def load_adapters(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -38,6 +38,14 @@ class TrainConfig:
     text_column: str = "text"  # text column of an hf: dataset
     data_format: str = "auto"  # auto | text | instruction | prompt_completion | chat (records)
     mask_prompt: bool = True  # record data: the loss counts response tokens only
+    # what the run learns (docs/finetuning.md)
+    objective: str = "lm"  # lm: next-token loss | dpo: prefer chosen over rejected responses
+    dpo_beta: float = 0.1  # DPO's beta: how far the policy may move from the reference
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO's) | ipo (Azar et al.'s squared loss)
+    dpo_reference: str = ""  # DPO's reference, as init_from names one ("" = the starting model)
+    task: str = "lm"  # lm | classification: text + label records, a score head on the last token
+    num_labels: int = 0  # a classifier's classes (0 = as many as the labels name)
+    classifier_trainable: str = "all"  # all | last_block (+ final LayerNorm and head) | head
     # model (for init_from=scratch; a released model brings its own shape)
     model: str = ""  # a preset (tiny, mini, small, gpt2, ...); n_layer etc. below override it
     n_layer: int = 0  # 0 = from the preset
@@ -106,6 +114,10 @@ class TrainConfig:
             "data_format": DATA_FORMATS,
             "base_dtype": ("float32", "bfloat16"),
             "decode_errors": DECODE_ERRORS,
+            "objective": ("lm", "dpo"),
+            "dpo_loss": ("sigmoid", "ipo"),
+            "task": ("lm", "classification"),
+            "classifier_trainable": ("all", "last_block", "head"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -134,7 +146,7 @@ class TrainConfig:
             "n_embd",
             "threads",
         )
-        for key in (*keys, "hellaswag_examples"):
+        for key in (*keys, "hellaswag_examples", "num_labels"):
             if getattr(self, key) < 0:
                 raise MiniGPT2Error(f"{key}={getattr(self, key)} must not be negative")
         if self.optimizer == "muon" and (self.fsdp or self.lora_r):
@@ -153,11 +165,40 @@ class TrainConfig:
                     "LoRA adapts a trained model: set init_from to a released model, a "
                     "directory or a checkpoint (or lora_r=0 to train from scratch)"
                 )
+        self._check_objective()
         if self.learning_rate <= 0:
             raise MiniGPT2Error(f"learning_rate={self.learning_rate} must be above 0")
         if not 0 <= self.min_lr <= self.learning_rate:
             raise MiniGPT2Error(f"min_lr={self.min_lr} must be between 0 and learning_rate")
         return self
+
+    def _check_objective(self) -> None:
+        """Refuse objective and task settings that do not go together."""
+        if self.objective == "dpo" and self.task == "classification":
+            raise MiniGPT2Error(
+                "objective=dpo trains a language model on preference pairs; a classifier "
+                "(task=classification) trains with objective=lm"
+            )
+        if self.objective == "dpo" and self.data_format not in ("auto", "preference"):
+            raise MiniGPT2Error(
+                f"objective=dpo reads preference records; data_format={self.data_format!r} "
+                "is not one (leave it auto, or set preference)"
+            )
+        special = self.objective == "dpo" or self.task == "classification"
+        if special and self.fsdp:
+            raise MiniGPT2Error("objective=dpo and task=classification run with DDP, not fsdp")
+        if self.dpo_beta <= 0:
+            raise MiniGPT2Error(f"dpo_beta={self.dpo_beta} must be above 0")
+        if self.lora_r and self.task == "classification" and self.classifier_trainable != "all":
+            raise MiniGPT2Error(
+                f"classifier_trainable={self.classifier_trainable} with LoRA: LoRA already "
+                "trains the adapters and the head alone; drop one of them"
+            )
+        if self.objective == "dpo" and self.init_from == "scratch" and not self.dpo_reference:
+            raise MiniGPT2Error(
+                "objective=dpo tunes a trained model: set init_from (its reference is the "
+                "starting model unless dpo_reference names another)"
+            )
 
     def lora(self):
         """The run's LoRAConfig (lora_r > 0), from the lora_* keys."""
@@ -262,6 +303,9 @@ FIXED_AT_RESUME = (
     "lora_dropout",
     "lora_targets",
     "base_dtype",
+    "objective",
+    "task",
+    "num_labels",
 )
 
 

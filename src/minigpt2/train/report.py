@@ -84,8 +84,10 @@ class Reporter:
         if self.bar is not None:
             self.bar.update(1)
 
-    def log(self, it: int, loss: float, lr: float, evals: dict) -> None:
-        """Record step it: throughput since the last log (evaluation time excluded)."""
+    def log(self, it: int, loss: float, lr: float, evals: dict, stats: dict | None = None) -> None:
+        """Record step it: throughput since the last log (evaluation time excluded), and the
+        objective's statistics of the step (DPO's rewards/..., a classifier's accuracy)."""
+        stats = stats or {}
         now = time.perf_counter()
         steps, seconds = it - self.mark[0], now - self.mark[2] - evals.get("eval_seconds", 0.0)
         tokens = self.t.tokens_seen - self.mark[1]
@@ -101,15 +103,20 @@ class Reporter:
                 "elapsed": round(self.t.elapsed(), 3),
                 "mfu": round(mfu, 4) if mfu is not None else None,
             }
+            row |= stats
             if evals:
-                row |= {"eval_train_loss": evals["train_loss"], "val_ppl": evals["val_ppl"]}
+                row |= {"eval_train_loss": evals["train_loss"]}
                 row |= {k: v for k, v in evals.items() if k.startswith(("hellaswag", "eval_s"))}
+                row |= {k: v for k, v in evals.items() if k.startswith("val_") and k != "val_loss"}
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            shown = {k.split("/")[-1]: f"{v:.3f}" for k, v in stats.items() if k in _SHOWN}
             if self.plain:
                 self.say(
                     f"step {it}/{self.t.cfg.max_iters}: loss {loss:.4f}, lr {lr:.2e}, "
-                    f"{tps:,.0f} tok/s" + (f", mfu {mfu:.1%}" if mfu is not None else "")
+                    f"{tps:,.0f} tok/s"
+                    + (f", mfu {mfu:.1%}" if mfu is not None else "")
+                    + "".join(f", {k} {v}" for k, v in shown.items())
                 )
             elif self.bar is not None:
                 self.bar.set_postfix(
@@ -117,14 +124,10 @@ class Reporter:
                     lr=f"{lr:.2e}",
                     tok_s=f"{tps:,.0f}",
                     mfu=f"{mfu:.1%}" if mfu is not None else "n/a",
+                    **shown,
                 )
             if evals:
-                hs = evals.get("hellaswag_acc_norm")
-                self.say(
-                    f"step {it}: train {evals['train_loss']:.4f}, val "
-                    f"{evals['val_loss']:.4f} (ppl {evals['val_ppl']:.2f})"
-                    + (f", hellaswag acc_norm {hs:.4f}" if hs is not None else "")
-                )
+                self.say(f"step {it}: " + eval_line(evals))
         self.mark = (it, self.t.tokens_seen, time.perf_counter())
 
     def finish(self, summary: dict) -> None:
@@ -142,16 +145,52 @@ class Reporter:
             return
         if not plot_losses(self.metrics_path, self.t.out_dir / "loss.png"):
             self.say("(no loss.png: drawing it needs matplotlib, pip install matplotlib)")
-        if self.t.cfg.sample_tokens > 0 and not self.t.fsdp:
+        classifier = bool(self.t.model.config.labels)
+        if self.t.cfg.sample_tokens > 0 and not self.t.fsdp and not classifier:
             self.say("sample from the trained model:")
             print(sample_text(self.t), flush=True)
         out = self.t.out_dir
+        if classifier:
+            self.say(
+                f"the classifier is in {out}. Next:\n"
+                f'  minigpt2 classify --model {out} --text "..."\n'
+                f"  minigpt2 eval --model {out} --task classification --data FILE\n"
+                f"  minigpt2 export {out} DIR  (transformers' GPT2ForSequenceClassification)"
+            )
+            return
         self.say(
             f"the model is in {out} (best.safetensors; ckpt.safetensors to resume). Next:\n"
             f'  minigpt2 sample --model {out} --prompt "..."\n'
             f"  minigpt2 train --init_from=resume --out_dir={out} --max_iters=N  (train on)\n"
             f"  minigpt2 export {out} DIR  (transformers' layout; DIR.gguf for llama.cpp)"
         )
+
+
+# the step statistics the progress line shows (all go to metrics.jsonl)
+_SHOWN = ("rewards/accuracies", "rewards/margins", "accuracy")
+
+
+def eval_line(evals: dict) -> str:
+    """An evaluation in words: losses, perplexity, the objective's validation figures."""
+    parts = [f"train {evals['train_loss']:.4f}", f"val {evals['val_loss']:.4f}"]
+    if "val_ppl" in evals:
+        parts[-1] += f" (ppl {evals['val_ppl']:.2f})"
+    parts += [
+        f"{k} {v:.4f}"
+        for k, v in evals.items()
+        if k.startswith(("val_", "hellaswag_acc_norm")) and k not in ("val_loss", "val_ppl")
+    ]
+    return ", ".join(parts)
+
+
+# accuracies drawn on loss.png's right axis, where a run has them
+ACCURACIES = {
+    "hellaswag_acc_norm": "HellaSwag acc_norm",
+    "rewards/accuracies": "reward accuracy (step)",
+    "val_reward_accuracy": "validation reward accuracy",
+    "accuracy": "accuracy (step)",
+    "val_accuracy": "validation accuracy",
+}
 
 
 def plot_losses(metrics: Path, out: Path) -> bool:
@@ -171,17 +210,14 @@ def plot_losses(metrics: Path, out: Path) -> bool:
     ax.plot([r["iter"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
     ax.set(xlabel="step", ylabel="loss (nats/token)", title=out.parent.name)
     ax.legend(loc="upper left")
-    hs = [r for r in rows if r.get("hellaswag_acc_norm") is not None]
-    if hs:  # accuracy on its own axis, on the right
-        right = ax.twinx()
-        right.plot(
-            [r["iter"] for r in hs],
-            [r["hellaswag_acc_norm"] for r in hs],
-            "s-",
-            color="tab:green",
-            label="HellaSwag acc_norm",
-        )
-        right.set_ylabel("HellaSwag acc_norm")
+    right = None
+    for key, label in ACCURACIES.items():
+        points = [r for r in rows if r.get(key) is not None]
+        if points:  # accuracies on their own axis, on the right
+            right = right or ax.twinx()
+            right.plot([r["iter"] for r in points], [r[key] for r in points], ".-", label=label)
+    if right is not None:
+        right.set_ylabel("accuracy")
         right.legend(loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 import torch
 import torch.distributed as dist
 
 from ..data.batches import open_corpus
-from ..data.records import RECORD_FORMATS, is_records_path, load_records
+from ..data.labels import load_labelled
+from ..data.preference import load_preferences
+from ..data.records import RECORD_FORMATS, is_records_path, load_records, read_records
 from ..data.tokenizer import Tokenizer
 from ..errors import MiniGPT2Error
 from ..formats import checkpoint as ckpt
@@ -15,7 +20,7 @@ from ..formats.loading import build_lora_model, find_checkpoint, load_model
 from ..formats.released import load_pretrained
 from ..model.config import GPTConfig
 from ..model.gpt import GPT
-from ..model.lora import apply_lora
+from ..model.lora import adapters_off, apply_lora
 from .config import TrainConfig
 from .sharding import fill_shards, fill_with_init, rows_of_checkpoint, rows_of_model, sharded_model
 
@@ -47,9 +52,22 @@ def start_model(
     device: torch.device,
     dtype: torch.dtype,
     resume: ckpt.CheckpointFile | None = None,
+    labels: tuple[str, ...] = (),
 ) -> tuple[GPT, dict | None]:
-    """The model a run trains, on device (sharded with fsdp), and its LoRA description. Under
+    """The model a run trains, on device (sharded with fsdp), and its LoRA description; a
+    classifier (labels given) with the parameters classifier_trainable names trainable. Under
     FSDP no process builds the whole model on a device, and a resume reads its rows only."""
+    model, lora = _start_model(cfg, tokenizer, device, dtype, resume, labels)
+    if labels and not lora and cfg.classifier_trainable != "all":
+        last = f"transformer.h.{model.config.n_layer - 1}."
+        keep = ("score.",) + ((last, "transformer.ln_f.") * (cfg.classifier_trainable != "head"))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(keep))
+    return model, lora
+
+
+def _start_model(cfg, tokenizer, device, dtype, resume, labels):
+    """start_model's model and LoRA description, every parameter as trained by default."""
     if cfg.fsdp and not dist.is_initialized():
         raise MiniGPT2Error("fsdp=true needs several processes: launch with torchrun")
     base_dtype = torch.bfloat16 if cfg.base_dtype == "bfloat16" else None
@@ -83,6 +101,8 @@ def start_model(
         fill_with_init(model)
         return model, None
     model = build_model(cfg, tokenizer)
+    if labels:
+        _give_labels(model, labels, cfg.init_from)
     if cfg.fsdp:  # weights to fine-tune: each rank keeps its rows
         sharded = sharded_model(model.config, device, dtype)
         fill_shards(sharded, rows_of_model(model))
@@ -91,6 +111,38 @@ def start_model(
     if lora:
         apply_lora(model, cfg.lora(), base_dtype)
     return model.to(device), lora
+
+
+def _give_labels(model: GPT, labels: tuple[str, ...], source: str) -> None:
+    """Make model a classifier of labels: a fresh head, or the one it has for those classes
+    (class ids, as integer labels give, need only as many classes)."""
+    have = model.config.labels
+    if not have:
+        model.set_labels(labels)
+        return
+    numbered = labels == tuple(str(i) for i in range(len(labels)))
+    if have != labels and not (numbered and len(have) == len(labels)):
+        raise MiniGPT2Error(
+            f"init_from={source} classifies into {list(have)[:8]} but the data's labels are "
+            f"{list(labels)[:8]}; use data with its labels, or start from a language model"
+        )
+
+
+@contextlib.contextmanager
+def reference_model(cfg: TrainConfig, tokenizer: Tokenizer, model: GPT, device: torch.device):
+    """DPO's reference: dpo_reference loaded for the block, or the starting model itself (with
+    LoRA, with its adapters off: no second copy)."""
+    if cfg.dpo_reference:
+        other = build_model(replace(cfg, init_from=cfg.dpo_reference, dropout=0.0), tokenizer)
+        if other.config.block_size < model.config.block_size:
+            raise MiniGPT2Error(
+                f"dpo_reference={cfg.dpo_reference} has a context of "
+                f"{other.config.block_size} tokens, the model {model.config.block_size}"
+            )
+        yield other.to(device)
+        return
+    with adapters_off(model):
+        yield model
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> GPT:
@@ -133,6 +185,13 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
             "a glob, stdlib, hf:NAME[:CONFIG], a prepared directory or a .json/.jsonl "
             "record file)"
         )
+    if cfg.task == "classification":
+        data = load_labelled(
+            cfg.data, tokenizer, cfg.val_fraction, cfg.num_labels, None, cfg.hf_split
+        )
+        return data.format, data
+    if cfg.objective == "dpo" or cfg.data_format == "preference":
+        return _preferences(cfg, tokenizer)
     records = cfg.data_format in RECORD_FORMATS
     if cfg.data_format == "auto":
         records = is_records_path(cfg.data)
@@ -156,4 +215,18 @@ def open_data(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool):
     data = load_records(
         cfg.data, cfg.data_format, tokenizer, cfg.val_fraction, cfg.mask_prompt, cfg.hf_split
     )
+    return data.format, data
+
+
+def _preferences(cfg: TrainConfig, tokenizer: Tokenizer):
+    """(prompt template, pairs) of a DPO run's preference records."""
+    if cfg.objective != "dpo":
+        raise MiniGPT2Error("data_format=preference trains with --objective=dpo")
+    if not (is_records_path(cfg.data) or cfg.data.startswith("hf:")):
+        raise MiniGPT2Error(
+            f"objective=dpo reads preference records from a .json or .jsonl file or an "
+            f"hf:NAME dataset, not {cfg.data!r}"
+        )
+    records, source = read_records(cfg.data, cfg.hf_split)
+    data = load_preferences(records, tokenizer, cfg.val_fraction, source)
     return data.format, data

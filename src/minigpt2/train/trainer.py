@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.batches import Batch, Batches, RecordBatches
+from ..data.batches import Batch
 from ..data.tokenizer import get_tokenizer
 from ..device import autocast, resolve_device, resolve_dtype, set_threads, use_tf32
 from ..errors import MiniGPT2Error
@@ -30,13 +30,12 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
+from .objectives import objective_for, reference_logps
 from .optim import build_optimizer, lr_at
 from .report import Reporter
 from .rundir import RunLock, claim_out_dir, clear_run
 from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
-from .startup import open_data, start_model
-
-EVAL_STREAMS = {"train": 1, "val": 2}  # sampler streams: evaluation never reuses training draws
+from .startup import open_data, reference_model, start_model
 
 
 class Interrupted:
@@ -113,7 +112,10 @@ class Trainer:
     def _set_up(self, data, resume: ckpt.CheckpointFile | None) -> None:
         """Model, samplers and optimizer; with resume, their state as it was saved."""
         cfg = self.cfg
-        self.model, self.lora = start_model(cfg, self.tokenizer, self.device, self.dtype, resume)
+        labels = getattr(data, "labels", ())  # a classifier's class names
+        self.model, self.lora = start_model(
+            cfg, self.tokenizer, self.device, self.dtype, resume, labels
+        )
         self.model.activation_checkpointing = cfg.activation_checkpointing
         if self.dist.rank:  # the same initial weights everywhere; each rank its own dropout
             torch.manual_seed(cfg.seed + self.dist.rank)
@@ -124,25 +126,18 @@ class Trainer:
                 f" ids but the model only {mc.vocab_size}; use its tokenizer"
             )
         self.block_size = mc.block_size
-        self.data_note = None  # a line about the data for the start of the run
-        if self.data_format == "text":
-            self.train_batches = Batches(data.train, mc.block_size, cfg.seed, 0, "train")
-            self.eval_samplers = {
-                s: Batches(getattr(data, s), mc.block_size, cfg.seed, n, s)
-                for s, n in EVAL_STREAMS.items()
-            }
-        else:  # every validation record is scored at every evaluation
-            self.train_batches = RecordBatches(data.train, mc.block_size, cfg.seed, 0)
-            self.eval_samplers = {
-                s: RecordBatches(getattr(data, s), mc.block_size, cfg.seed, n, s == "val")
-                for s, n in EVAL_STREAMS.items()
-            }
-            self.data_note = (
-                f"{len(data.train):,} training and {len(data.val):,} validation records "
-                f"({self.data_format}) from {cfg.data}; "
-                f"{self.train_batches.cut + self.eval_samplers['val'].cut} longer than "
-                f"block_size+1 = {mc.block_size + 1} tokens were cut at the end"
+        self.objective = objective_for(cfg)
+        # data_note: a line about the data for the start of the run
+        self.train_batches, self.eval_samplers, self.data_note = self.objective.samplers(
+            data, self.data_format, mc.block_size, cfg.seed, cfg.data
+        )
+        if getattr(data, "identical", 0):
+            self.data_note += (
+                f"\nwarning: {data.identical} pair(s) have the same chosen and rejected "
+                "response; they are kept (each adds log 2 to the loss and no gradient)"
             )
+        if self.objective.name == "dpo":
+            self._reference(resume)
         self.tokens_seen = 0  # real input tokens trained on in this process's run
         self.hellaswag = self._read_hellaswag() if cfg.hellaswag else None
         self.net = self.model if self.fsdp else wrap_model(self.model, self.dist, self.device)
@@ -154,6 +149,47 @@ class Trainer:
         if cfg.compile:
             self.net = torch.compile(self.net)
         self.out_dir = Path(cfg.out_dir)
+
+    def _reference(self, resume: ckpt.CheckpointFile | None) -> None:
+        """DPO's reference log-probabilities of every pair: saved with the run, or computed
+        now, once, by the reference model (the starting one; with LoRA, its base with the
+        adapters off; or dpo_reference)."""
+        samplers = {"train": self.train_batches, "val": self.eval_samplers["val"]}
+        self.eval_samplers["train"].reference = None  # set below: it shares the train pairs
+        names = {split: f"dpo.reference.{split}" for split in samplers}
+        if resume is not None and all(n in resume.names() for n in names.values()):
+            for split, sampler in samplers.items():
+                sampler.reference = resume.tensor(names[split]).double().numpy()
+        else:
+            model = reference_model(self.cfg, self.tokenizer, self.model, self.device)
+            with model as ref:
+                ref.eval()
+                for sampler in samplers.values():
+                    reference_logps(
+                        ref,
+                        sampler,
+                        self.cfg.batch_size,
+                        self.dist.rank,
+                        self.dist.world_size,
+                        self._summed,
+                    )
+                self.model.train()
+        self.eval_samplers["train"].reference = self.train_batches.reference
+
+    def _summed(self, fn) -> torch.Tensor:
+        """fn() under the run's autocast, summed over the ranks."""
+        with autocast(self.device, self.dtype):
+            out = fn()
+        return mean_across_ranks(out, self.dist) * self.dist.world_size
+
+    def reference_tensors(self) -> dict[str, torch.Tensor]:
+        """DPO's reference log-probabilities, for the checkpoint (none for other objectives)."""
+        if getattr(self.train_batches, "reference", None) is None:
+            return {}
+        return {
+            "dpo.reference.train": torch.from_numpy(self.train_batches.reference),
+            "dpo.reference.val": torch.from_numpy(self.eval_samplers["val"].reference),
+        }
 
     def _read_hellaswag(self) -> tuple[list, list[int]]:
         """HellaSwag's examples, tokenized once, and their labels."""
@@ -201,6 +237,7 @@ class Trainer:
             "tokenizer_hash": self.tokenizer.fingerprint,
             "tokenizer_spec": self.cfg.tokenizer,
             "data_format": self.data_format,
+            "objective": self.objective.name,
             "optimizer_groups": groups,
             **({"lora": self.lora} if self.lora else {}),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
@@ -230,28 +267,32 @@ class Trainer:
         tensors = dict(weights)
         if not weights_only:
             tensors |= ckpt.optimizer_tensors(state) | ckpt.ranked_rng_tensors(rng)
+            tensors |= self.reference_tensors()
         ckpt.save_checkpoint(self.out_dir / path_name, tensors, self.header())
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted mean loss of each split over its evaluation batches: eval_iters fixed
-        batches, or every validation record once. Rank r takes batches r, r + world, ...; the
-        result does not depend on the number of processes."""
+        """Mean loss of each split over its evaluation batches (weighted by counted targets,
+        pairs or records): eval_iters fixed batches, or every validation record once; and the
+        objective's validation statistics (val_NAME). Rank r takes batches r, r + world, ...;
+        the result does not depend on the number of processes."""
         self.net.eval()
         out = {}
         bs, iters, world = self.cfg.batch_size, self.cfg.eval_iters, self.dist.world_size
         for split, batches in self.eval_samplers.items():
-            total = torch.zeros(2, device=self.device)  # (summed loss, counted targets)
+            total = torch.zeros(2 + len(self.objective.eval_stats), device=self.device)
             n = batches.eval_batches(bs, iters)
             rounds = -(-n // world)  # equal on every rank, as FSDP needs
             for k in range(self.dist.rank, rounds * world, world):
                 real = k < n
                 b = batches.eval_batch(k if real else 0, bs, iters, self.device)
                 with autocast(self.device, self.dtype):
-                    loss = self.net(b.x, b.y, b.attention_mask)[1].float()
-                total += torch.stack([loss * b.counted, torch.ones_like(loss) * b.counted]) * real
-            total = mean_across_ranks(total, self.dist)  # the ratio is what matters
+                    total += self.objective.eval_sums(self.net, b).float() * real
+            total = mean_across_ranks(total, self.dist)  # the ratios are what matter
             out[split] = (total[0] / total[1]).item()
+            if split == "val":
+                for name, value in zip(self.objective.eval_stats, total[2:], strict=True):
+                    out[f"val_{name}"] = (value / total[1]).item()
         if self.hellaswag is not None:
             out |= self._hellaswag()
         self.net.train()
@@ -289,6 +330,7 @@ class Trainer:
         tokens, counted = self.train_batches.sizes(self.iter, self.global_batch)
         world = self.dist.world_size
         total = torch.zeros((), device=self.device)
+        stats = torch.zeros(len(self.objective.stats), device=self.device)
         for micro in range(self.micro_steps):
             b = self._batch(self.iter, micro)
             last = micro == self.micro_steps - 1
@@ -298,9 +340,12 @@ class Trainer:
             sync = contextlib.nullcontext() if quiet else self.net.no_sync()
             with sync:
                 with autocast(self.device, self.dtype):
-                    loss = self.net(b.x, b.y, b.attention_mask)[1] * (b.counted * world) / counted
+                    loss, sums = self.objective.loss(self.net, b)
+                    loss = loss * (b.counted * world) / counted
                 self.scaler.scale(loss).backward()
             total += loss.detach()
+            if sums is not None:
+                stats += sums.float()
         if self.cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.cfg.grad_clip)
@@ -309,7 +354,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.iter += 1
         self.tokens_seen += tokens
+        self.step_stats = (stats, counted)  # summed over this rank's micro-batches
         return total
+
+    def stats(self) -> dict[str, float]:
+        """The objective's statistics of the last step, means over its global batch."""
+        sums, counted = self.step_stats
+        if not len(sums):
+            return {}
+        sums = mean_across_ranks(sums, self.dist) * self.dist.world_size / counted
+        return dict(zip(self.objective.stats, sums.tolist(), strict=True))
 
     def run(self) -> dict:
         """Train to max_iters (or evaluate only); returns a summary."""
@@ -345,12 +399,10 @@ class Trainer:
         """evaluate() as a run reports it, with the seconds it took."""
         t0 = time.perf_counter()
         result = self.evaluate()
-        out = {
-            "train_loss": result["train"],
-            "val_loss": result["val"],
-            "val_ppl": math.exp(min(result["val"], 50.0)),
-        }
-        out |= {k: v for k, v in result.items() if k.startswith("hellaswag")}
+        out = {"train_loss": result["train"], "val_loss": result["val"]}
+        if self.objective.perplexity:
+            out["val_ppl"] = math.exp(min(result["val"], 50.0))
+        out |= {k: v for k, v in result.items() if k.startswith(("hellaswag", "val_"))}
         return out | {"eval_seconds": time.perf_counter() - t0}
 
     def _loop(self, reporter, interrupted: Interrupted) -> dict:
@@ -377,7 +429,8 @@ class Trainer:
                     )
             if log:
                 last_eval = self._evaluation() if evaluate else {}
-                reporter.log(self.iter, value, lr_at(self.iter - 1, cfg), last_eval)
+                stats = self.stats()
+                reporter.log(self.iter, value, lr_at(self.iter - 1, cfg), last_eval, stats)
                 if last_eval and last_eval["val_loss"] < self.best_val:
                     self.best_val = last_eval["val_loss"]
                     self.save(ckpt.BEST, weights_only=True)
