@@ -59,7 +59,7 @@ def pairs(n: int) -> list[dict]:
     ]
 
 
-def ours_dpo(model: Path, data: Path, tokenizer: str, out: Path) -> float:
+def ours_dpo(model: Path, data: Path, tokenizer: str, out: Path, threads: int) -> float:
     from minigpt2.train.config import parse_args
     from minigpt2.train.trainer import Trainer
 
@@ -144,7 +144,7 @@ def bench_dpo(args, root: Path) -> dict:
     trained = rows[: len(rows) - 1]
     times: dict[str, list[float]] = {"minigpt2": [], "trl": [], "trl_precompute": []}
     for _ in range(args.rounds):
-        times["minigpt2"].append(ours_dpo(model, data, args.tokenizer, root / "ours"))
+        times["minigpt2"].append(ours_dpo(model, data, args.tokenizer, root / "ours", args.threads))
         times["trl"].append(trl_dpo(model, trained, root / "trl", False))
         times["trl_precompute"].append(trl_dpo(model, trained, root / "trl", True))
         print({k: round(v[-1], 1) for k, v in times.items()}, file=sys.stderr)

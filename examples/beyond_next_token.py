@@ -41,7 +41,7 @@ def preference_pairs(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         q, answer = question(rng)
-        rows.append({"instruction": q, "chosen": f"Sure: {answer}.", "rejected": answer})
+        rows.append({"prompt": f"{q}\n", "chosen": f"Sure: {answer}.", "rejected": answer})
     return rows
 
 
@@ -59,14 +59,13 @@ def train(*settings: str) -> None:
 def polite_share(model: str, prompts: list[str]) -> float:
     """The share of greedy answers to the held-out questions that open with "Sure:"."""
     from minigpt2.cli.options import add_model_options, load_for_generation
-    from minigpt2.data.records import wrap_prompt
     from minigpt2.decode.generate import Generator, SamplingConfig
 
     p = argparse.ArgumentParser()
     add_model_options(p, model)
     args = p.parse_args(["--no-native"])
     net, _, tok = load_for_generation(args, sequences=len(prompts))
-    ids = [tok.encode(wrap_prompt("instruction", q)) for q in prompts]
+    ids = [tok.encode(q) for q in prompts]
     cfg = SamplingConfig(max_new_tokens=8, temperature=0.0, stop_at_eot=True, eot_id=tok.eot_id)
     out = Generator(net, vocab_limit=tok.vocab_size).generate(ids, cfg)
     answers = [tok.decode([i for i in row if i != tok.eot_id]) for row in out]
@@ -78,7 +77,7 @@ def preference(args) -> None:
     train_file = write(data / "pairs.jsonl", preference_pairs(600, 0))
     held = preference_pairs(100, 1)
     write(data / "held_out.jsonl", held)
-    prompts = [r["instruction"] for r in held]
+    prompts = [r["prompt"] for r in held]
     before = polite_share(args.start, prompts)
     train(
         f"--init_from={args.start}",
