@@ -234,3 +234,21 @@ def test_a_classifier_is_refused_as_gguf_and_a_language_model_by_classify(tmp_pa
     )
     err = capsys.readouterr().err
     assert code != 0 and "not a classifier" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["classify"], "nothing to classify"),
+        (["classify", "--file", "missing.txt"], "--file missing.txt not found"),
+        (["classify", "--text", "x", "--batch-size", "0"], "--batch-size=0 must be at least 1"),
+        (["eval", "--task", "classification"], "--task classification needs --data"),
+    ],
+)
+def test_bad_classify_and_eval_options_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    write_wide_byte_checkpoint(tmp_path / "m", 64)
+    capsys.readouterr()
+    code = main([*argv, "--model", str(tmp_path / "m"), "--tokenizer", "byte"])
+    err = capsys.readouterr().err
+    assert code != 0 and message in err and len(err.strip().splitlines()) == 1

@@ -198,12 +198,3 @@ def reference_logps(model, sampler: PairBatches, batch_size: int, rank: int, wor
     sampler.reference = run(score).cpu().numpy().astype(np.float64)
     if not np.isfinite(sampler.reference).all():
         raise MiniGPT2Error("the reference model gives a non-finite log-probability; check it")
-
-
-def loss_summary(sums: torch.Tensor, names: tuple[str, ...], prefix: str) -> dict[str, float]:
-    """An evaluation's results from its sums: loss, then the named means."""
-    count = sums[1].item()
-    out = {f"{prefix}_loss": sums[0].item() / count}
-    for name, value in zip(names, sums[2:], strict=True):
-        out[f"{prefix}_{name}"] = value.item() / count
-    return out

@@ -155,7 +155,6 @@ class Trainer:
         now, once, by the reference model (the starting one; with LoRA, its base with the
         adapters off; or dpo_reference)."""
         samplers = {"train": self.train_batches, "val": self.eval_samplers["val"]}
-        self.eval_samplers["train"].reference = None  # set below: it shares the train pairs
         names = {split: f"dpo.reference.{split}" for split in samplers}
         if resume is not None and all(n in resume.names() for n in names.values()):
             for split, sampler in samplers.items():
@@ -174,6 +173,7 @@ class Trainer:
                         self._summed,
                     )
                 self.model.train()
+        # the training split's evaluation scores the same pairs: it shares their reference
         self.eval_samplers["train"].reference = self.train_batches.reference
 
     def _summed(self, fn) -> torch.Tensor:
