@@ -9,6 +9,8 @@ project's defaults), batch 4 pairs, beta 0.1, the same generated pairs, against 
 DPOTrainer (peft_config: its reference is the base with the adapters off, as here). Timed:
 from loading the model to the end of the epoch, reference log-probabilities included; TRL
 both ways (computing the reference at every step, its default, and precompute_ref_log_probs).
+TRL evaluates nothing; a minigpt2 run always ends with an evaluation, here of one batch of
+training pairs and the held-out pair (eval_iters = 1).
 classify: optimizer steps per second of full fine-tuning (AdamW, batch 8, texts of 40-120
 tokens) against a plain PyTorch loop over transformers' GPT2ForSequenceClassification.
 Rounds alternate the two sides; the figures are medians.
@@ -76,6 +78,7 @@ def ours_dpo(model: Path, data: Path, tokenizer: str, out: Path, threads: int) -
         "max_iters": steps,
         "val_fraction": 0.01,
         "eval_interval": 10_000,
+        "eval_iters": 1,  # the run's closing evaluation: one batch and the held-out pair
         "checkpoint_interval": 10_000,
         "learning_rate": 1e-4,
         "warmup_iters": 0,

@@ -13,10 +13,12 @@ from test_train import settings
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.cli.train import train_main
+from minigpt2.data.preference import PairBatches, tokenize_pairs
+from minigpt2.data.tokenizer import get_tokenizer
 from minigpt2.formats.released import load_pretrained
 from minigpt2.model.lora import LoRAConfig, apply_lora
 from minigpt2.train.config import parse_args
-from minigpt2.train.objectives import Preference, reference_logps
+from minigpt2.train.objectives import Preference, reference_logps, response_logps
 from minigpt2.train.startup import reference_model
 from minigpt2.train.trainer import Trainer
 
@@ -104,6 +106,36 @@ def test_loss_and_rewards_equal_a_hand_computation(tmp_path, kind):
         assert means["rewards/rejected"] == pytest.approx(sum(e[2] for e in expect) / 4, abs=1e-5)
         assert means["logps/chosen"] == pytest.approx(sum(e[3] for e in expect) / 4, rel=1e-5)
         assert means["logps/rejected"] == pytest.approx(sum(e[4] for e in expect) / 4, rel=1e-5)
+
+
+def test_a_packed_pair_scores_and_trains_as_two_separate_rows(tmp_path):
+    # an empty prompt, responses cut at the context's end, lengths that make padding
+    rows = [
+        {"prompt": "", "chosen": " yes yes", "rejected": " no"},
+        {"prompt": "Q: a long question?", "chosen": " certainly, at length" * 3, "rejected": "!"},
+        {"prompt": "Q:", "chosen": " y", "rejected": " no, no, no" * 4},
+    ]
+    block = 24
+    _, rowset, _ = tokenize_pairs(rows, get_tokenizer("byte"), "pairs.jsonl")
+    packed = PairBatches(rowset, block, 0).batch([0, 1, 2])
+    model = load_pretrained(write_wide_byte_checkpoint(tmp_path / "m", 64, seed=2)).train()
+    logps, tokens = response_logps(model, packed)
+    sum(logps * torch.arange(1.0, 7.0)).backward()  # every response weighs differently
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    expect, counted = [], []
+    for side in (0, 1):  # each response as its own row, cut as record fine-tuning cuts it
+        for i in range(3):
+            ids = torch.tensor(rowset.ids[2 * i + side][: block + 1])
+            scored = torch.tensor(rowset.counted[2 * i + side][1 : block + 1])
+            logp = torch.log_softmax(model(ids[None, :-1])[0], -1)
+            expect.append(logp[torch.arange(len(ids) - 1), ids[1:]][scored].sum())
+            counted.append(int(scored.sum()))
+    assert tokens.tolist() == counted
+    assert torch.allclose(logps, torch.stack(expect), rtol=1e-5, atol=1e-4)
+    sum(torch.stack(expect) * torch.arange(1.0, 7.0)).backward()
+    for g, p in zip(got, model.parameters(), strict=True):
+        assert (g - p.grad).abs().max() <= 1e-5 * p.grad.abs().max()
 
 
 def test_the_starting_model_against_itself_scores_log_2(tmp_path, capsys):

@@ -110,11 +110,15 @@ class Batch:
     """Inputs, next-token targets (-1 where not counted) and the padding mask of one batch."""
 
     x: torch.Tensor  # (B, T) token ids
-    y: torch.Tensor  # (B, T) targets
-    attention_mask: torch.Tensor | None  # (B, T), 1 for real tokens; None when none is padding
+    y: torch.Tensor  # (B, T) targets; packed pairs: (N,), the scored ones
+    attention_mask: torch.Tensor | None  # (B, T), 1 for real tokens; None when none is padding;
+    # packed pairs: (B, T, T) boolean, the keys each query sees
     counted: int  # targets that count in the loss (pairs for DPO, records for a classifier)
     tokens: int  # real input tokens (for throughput)
-    reference: torch.Tensor | None = None  # DPO: the reference's log-probability of each row
+    reference: torch.Tensor | None = None  # DPO: the reference's log-probability of each response
+    positions: torch.Tensor | None = None  # packed pairs: each token's position (B, T)
+    at: torch.Tensor | None = None  # packed pairs: flat index (row * T + column) of y's inputs
+    owner: torch.Tensor | None = None  # packed pairs: the response (0..2B-1) of each of y
 
 
 def _to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:

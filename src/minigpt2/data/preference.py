@@ -14,7 +14,7 @@ prompt + chosen and prompt + rejected, in which only the response tokens count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -119,27 +119,72 @@ def load_preferences(
 
 
 class PairBatches(RecordOrder):
-    """Batches of pairs: a batch of B pairs holds 2B rows, the chosen responses first, then
-    the rejected ones in the same order, with the reference's log-probability of each row once
-    reference_logps has been filled in (NaN before)."""
+    """Batches of pairs, one packed row a pair: the prompt once, then the chosen response,
+    then the rejected one, each response attending to the prompt and to itself only, at the
+    positions it would hold after the prompt. Unpacked, the rows would be prompt + chosen and
+    prompt + rejected: packing computes the prompt once (half of an unpacked row's tokens in
+    bench_finetune.py's pairs) and pads once. The targets scored are the responses' tokens,
+    the chosen responses' first, then the rejected ones', each tagged with its response
+    (owner: pair i's chosen is i, its rejected B + i), with the reference's log-probability of
+    each response once reference_logps has been filled in (NaN before)."""
 
     def __init__(
         self, rows: RecordSet, block_size: int, seed: int, stream: int = 0, exhaustive=False
     ) -> None:
         super().__init__(seed, stream, exhaustive)
-        self.rows = RecordBatches(rows, block_size, seed, stream)
-        self.cut = self.rows.cut
-        tokens = self.rows.lengths
-        self.lengths = tokens[0::2] + tokens[1::2]
+        cut = RecordBatches(rows, block_size, seed, stream)  # each row as record tuning cuts it
+        self.cut = cut.cut
+        self.ids, self.prompt_lengths = cut.ids[0::2], cut.prompt_lengths[0::2]
+        self.rejected, self.scored = cut.ids[1::2], (cut.mask[0::2], cut.mask[1::2])
+        # input tokens of a packed pair: the chosen row's, then the rejected row's past the prompt
+        self.lengths = cut.lengths[0::2] + cut.lengths[1::2] - np.asarray(self.prompt_lengths)
+        self.widths = self.lengths
         self.counts = np.ones(len(self.lengths), dtype=np.int64)  # the loss is a mean over pairs
-        self.widths = np.maximum(tokens[0::2], tokens[1::2])
-        self.ids, self.prompt_lengths = self.rows.ids[0::2], self.rows.prompt_lengths[0::2]
         self.reference = np.full((len(self.lengths), 2), np.nan)  # (chosen, rejected) per pair
 
+    def _pack(self, i: int) -> tuple[np.ndarray, ...]:
+        """Pair i's inputs, positions and segments (0 prompt, 1 chosen, 2 rejected), and the
+        (input index, target) of each scored token of its chosen and its rejected response."""
+        chosen, rejected, p = self.ids[i], self.rejected[i], int(self.prompt_lengths[i])
+        c, r = len(chosen) - 1, len(rejected) - 1  # inputs of each unpacked row
+        x = np.concatenate([chosen[:-1], rejected[p:-1]])
+        pos = np.concatenate([np.arange(c), np.arange(p, r)])
+        seg = np.concatenate([np.zeros(p), np.ones(c - p), np.full(r - p, 2)]).astype(np.int8)
+        # the unpacked row's input j sits at j in the prompt, past it at c + j - p (rejected)
+        where = np.arange(r)
+        where[p:] += c - p
+        picks = []
+        for row, at, scored in (
+            (chosen, np.arange(c), self.scored[0][i]),
+            (rejected, where, self.scored[1][i]),
+        ):
+            picks.append((at[scored], row[1:][scored]))
+        return x, pos, seg, picks
+
     def batch(self, indices: list[int], device: torch.device | str = "cpu") -> Batch:
-        """The pairs at indices: 2 len(indices) rows, chosen then rejected."""
-        rows = [2 * i for i in indices] + [2 * i + 1 for i in indices]
+        """The pairs at indices: len(indices) packed rows (right-padded), their attention
+        mask (B, T, T), positions, and the scored targets of the 2 len(indices) responses."""
+        packs = [self._pack(i) for i in indices]
+        B, T = len(indices), max(len(p[0]) for p in packs)
+        x, pos = np.zeros((B, T), dtype=np.int64), np.zeros((B, T), dtype=np.int64)
+        seg = np.full((B, T), -1, dtype=np.int8)  # -1: padding
+        at, y, owner = [[], []], [[], []], [[], []]
+        for b, (xs, ps, ss, picks) in enumerate(packs):
+            n = len(xs)
+            x[b, :n], pos[b, :n], seg[b, :n] = xs, ps, ss
+            for side, (where, targets) in enumerate(picks):
+                at[side].append(b * T + where)
+                y[side].append(targets)
+                owner[side].append(np.full(len(where), side * B + b))
+        keys, queries = seg[:, None, :], seg[:, :, None]
+        mask = (
+            np.tril(np.ones((T, T), dtype=bool)) & (keys >= 0) & ((keys == 0) | (keys == queries))
+        )
+        mask |= np.eye(T, dtype=bool)  # a padding query sees itself: a finite softmax
+        flat = [np.concatenate(v[0] + v[1]) for v in (at, y, owner)]
         ref = np.concatenate([self.reference[indices, 0], self.reference[indices, 1]])
-        b = self.rows.batch(rows, device)
+        tensors = [torch.from_numpy(a) for a in (x, *flat, mask, pos)]
+        x, at, y, owner, mask, pos = (_to_device(t, device) for t in tensors)
         reference = _to_device(torch.from_numpy(ref).float(), device)
-        return replace(b, counted=len(indices), reference=reference)
+        tokens = int(self.lengths[indices].sum())
+        return Batch(x, y, mask, len(indices), tokens, reference, pos, at, owner)

@@ -198,14 +198,22 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         cache: KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-LayerNorm outputs (B, T, n_embd) for token ids idx (B, T).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (of idx only; a cache keeps
         the earlier ones). Padded keys are never attended and positions count real tokens
         only (cumsum - 1, as transformers' generate), so left padding shifts nothing.
+        Packed rows, several sequences sharing a prefix, give instead the keys each query
+        sees, attention_mask (B, T, T) boolean, and every token's position (B, T).
         """
-        pos, mask = self._positions_and_mask(idx, cache, attention_mask)
+        if attention_mask is not None and attention_mask.dim() == 3:
+            if positions is None or cache is not None:
+                raise MiniGPT2Error("a (B, T, T) attention mask needs positions and no cache")
+            pos, mask = positions, attention_mask[:, None].bool()
+        else:
+            pos, mask = self._positions_and_mask(idx, cache, attention_mask)
         # With padding, rows hold fewer real tokens than there are columns: positions decide.
         length = (cache.pos if cache is not None else 0) + idx.shape[1]
         if mask is not None:
@@ -272,14 +280,21 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         head: str = "lm",
+        positions: torch.Tensor | None = None,
+        at: torch.Tensor | None = None,
     ):
         """Logits (B, T, vocab) for idx (B, T); with targets (B, T), also the mean cross-entropy
         over the targets that count: -1 (nanoGPT) and -100 (transformers) are ignored.
-        attention_mask (B, T) marks real tokens with 1 and padding with 0. head="score": class
+        attention_mask (B, T) marks real tokens with 1 and padding with 0 (or is a packed
+        batch's (B, T, T) mask, with positions: see hidden_states). at (N,): logits only at
+        these flat positions (row * T + column), (N, vocab), targets then (N,): the head is
+        a third of gpt2's forward FLOPs, wasted on tokens nobody scores. head="score": class
         logits instead (a classifier's; targets are then labels, (B,))."""
-        hidden = self.hidden_states(idx, attention_mask=attention_mask)
+        hidden = self.hidden_states(idx, attention_mask=attention_mask, positions=positions)
         if head == "score":
             return self._classify(hidden, targets, attention_mask)
+        if at is not None:
+            hidden = hidden.flatten(0, 1)[at]
         logits = self.lm_head(hidden)
         if targets is None:
             return logits

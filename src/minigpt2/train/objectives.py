@@ -32,16 +32,14 @@ DPO_STATS = (
 )
 
 
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(summed log-probability, counted tokens) of each row's targets (-1: not counted)."""
-    flat = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)).float(),
-        targets.reshape(-1),
-        ignore_index=-1,
-        reduction="none",
-    )
-    counted = (targets != -1).sum(1)
-    return -flat.view(targets.shape).sum(1), counted
+def response_logps(net, b: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability, scored tokens) of each of a packed pair batch's 2B responses,
+    chosen ones first: logits only where a response token is predicted."""
+    logits = net(b.x, attention_mask=b.attention_mask, positions=b.positions, at=b.at)
+    logp = -F.cross_entropy(logits.float(), b.y, reduction="none")
+    rows = 2 * b.x.shape[0]
+    summed = torch.zeros(rows, device=logp.device, dtype=logp.dtype).index_add(0, b.owner, logp)
+    return summed, torch.bincount(b.owner, minlength=rows)
 
 
 def dpo_terms(
@@ -111,7 +109,7 @@ class Preference(NextToken):
         return train, evals, _note("preference", source, train, evals, "pairs", limit)
 
     def _terms(self, net, b: Batch) -> dict[str, torch.Tensor]:
-        logps, tokens = sequence_logps(net(b.x, attention_mask=b.attention_mask), b.y)
+        logps, tokens = response_logps(net, b)
         return dpo_terms(logps, b.reference, tokens, self.beta, self.kind)
 
     def loss(self, net, b: Batch):
@@ -186,12 +184,13 @@ def reference_logps(model, sampler: PairBatches, batch_size: int, rank: int, wor
     n = len(sampler)
     device = next(model.parameters()).device
     out = torch.zeros(n, 2, dtype=torch.float64, device=device)
+    order = np.argsort(-sampler.widths, kind="stable")  # longest first: batches pad little
 
     def score() -> torch.Tensor:
         for k in range(rank, -(-n // batch_size), world):
-            pick = list(range(k * batch_size, min(n, (k + 1) * batch_size)))
+            pick = order[k * batch_size : (k + 1) * batch_size].tolist()
             b = sampler.batch(pick, device)
-            logps, _ = sequence_logps(model(b.x, attention_mask=b.attention_mask), b.y)
+            logps, _ = response_logps(model, b)
             out[pick] = torch.stack(logps.double().chunk(2), 1)
         return out
 
