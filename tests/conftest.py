@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,48 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIGPT2_SHARED", ROOT.parent / "shared"))
 GPT2_TIKTOKEN = Path(os.environ.get("MINIGPT2_GPT2_TIKTOKEN", SHARED / "tokenizers/gpt2.tiktoken"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+def in_process(
+    args: list, cwd, stdin: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """What `python ARGS` reports (exit code, stdout, stderr) for the project's command line
+    (ARGS: train.py, sample.py or -m minigpt2, then the command's), run in this process: the
+    same entry point without the ~2 s a fresh interpreter spends importing torch. Tests of
+    what only a process shows (signals, console scripts, torchrun, offline Hub settings read
+    at import) keep subprocess.run. env: variables set for the run only."""
+    from minigpt2.cli import main
+
+    args = [str(a) for a in args]
+    defaults = {}
+    if args[:2] == ["-m", "minigpt2"]:
+        argv = args[2:]
+    elif Path(args[0]).name == "train.py":  # train.py: the quickstart when no config is given
+        argv = ["train", *args[1:]]
+        defaults["default_config"] = str(ROOT / "configs" / "quickstart.toml")
+    elif Path(args[0]).name == "sample.py":
+        argv = ["sample", *args[1:]]
+    else:
+        raise ValueError(f"in_process runs the project's command line, not {args[0]}")
+    out, err = io.StringIO(), io.StringIO()
+    here, threads, stdin_was = os.getcwd(), torch.get_num_threads(), sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    os.chdir(cwd)
+    env_was = dict(os.environ)  # a command may set some for its process (--no-native)
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv, **defaults)
+            except SystemExit as e:  # argparse's usage errors and --help
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(here)
+        sys.stdin = stdin_was
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(env_was)
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 def write_hf_checkpoint(directory: Path, published: bool = False, seed: int = 0, **cfg) -> Path:

@@ -2,13 +2,11 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN
+from conftest import GPT2_TIKTOKEN, in_process
 
 from minigpt2 import MiniGPT2Error
 from minigpt2.data.batches import Batches, load_prepared, open_corpus
@@ -278,14 +276,8 @@ def test_hf_dataset_without_the_hub_fails_at_once(tmp_path, monkeypatch):
 
 
 def run_data_cli(*args, cwd):
-    env = {**os.environ, "MINIGPT2_DATA_CACHE": str(cwd / "cache")}
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt2", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    return in_process(
+        ["-m", "minigpt2", *args], cwd, env={"MINIGPT2_DATA_CACHE": str(cwd / "cache")}
     )
 
 

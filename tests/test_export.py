@@ -2,13 +2,11 @@
 continues a prompt with our greedy text, and GGUF files that read back as the model."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN
+from conftest import GPT2_TIKTOKEN, in_process
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.data.tokenizer import get_tokenizer
@@ -180,13 +178,7 @@ def test_gguf_bad_input_is_one_line_and_writes_nothing(tmp_path, bpe):
 
 
 def run_export(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt2", "export", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return in_process(["-m", "minigpt2", "export", *args], cwd)
 
 
 def test_export_command_errors(tmp_path, export):

@@ -1,13 +1,10 @@
 """Generation: parity with transformers, cache vs no cache, sampling filters, the CLI."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, write_hf_checkpoint
+from conftest import ROOT, in_process, write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig, process_logits
@@ -143,15 +140,7 @@ def test_bad_sampling_values(kwargs, message):
 
 
 def sample_cli(*args, cwd, stdin=None):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sample.py"), *args],
-        cwd=cwd,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    return in_process([ROOT / "sample.py", *args], cwd, stdin)
 
 
 @pytest.fixture(scope="module")

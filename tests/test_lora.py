@@ -2,12 +2,10 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint, write_wide_byte_checkpoint
+from conftest import in_process, write_hf_checkpoint, write_wide_byte_checkpoint
 from safetensors.torch import load_file
 from test_distributed import assert_same_run, run_world
 from test_train import settings
@@ -130,10 +128,10 @@ def test_adapter_only_export_loads_in_peft_with_the_same_logits(tmp_path, base_d
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
     assert train_main(lora_run(tmp_path, base_dir, max_iters=4, lora_dropout=0.0)) == 0
-    result = subprocess.run(
-        [sys.executable, "-m", "minigpt2", "export", str(tmp_path / "out"),
+    result = in_process(
+        ["-m", "minigpt2", "export", str(tmp_path / "out"),
          str(tmp_path / "adapter"), "--adapter-only", "--checkpoint", "latest"],
-        capture_output=True, text=True, timeout=120,
+        ".",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -156,10 +154,10 @@ def test_sample_and_merged_export_of_a_lora_run(tmp_path, base_dir):
     transformers = pytest.importorskip("transformers")
     args = lora_run(tmp_path, base_dir, max_iters=3, lora_targets="c_attn,c_fc")
     assert train_main(args) == 0
-    sample = subprocess.run(
-        [sys.executable, "-m", "minigpt2", "sample", "--model", str(tmp_path / "out"),
+    sample = in_process(
+        ["-m", "minigpt2", "sample", "--model", str(tmp_path / "out"),
          "--prompt", "the cat", "--max-new-tokens", "8", "--greedy", "--json"],
-        capture_output=True, text=True, timeout=120,
+        ".",
     )  # fmt: skip
     assert sample.returncode == 0, sample.stderr
     ours, _ = load_any(str(tmp_path / "out"))
@@ -167,10 +165,10 @@ def test_sample_and_merged_export_of_a_lora_run(tmp_path, base_dir):
     with torch.no_grad():
         greedy = ours.eval()(ids)[0, -1].argmax().item()
     assert json.loads(sample.stdout)["token_ids"][0] == greedy
-    exported = subprocess.run(
-        [sys.executable, "-m", "minigpt2", "export", str(tmp_path / "out"),
+    exported = in_process(
+        ["-m", "minigpt2", "export", str(tmp_path / "out"),
          str(tmp_path / "merged"), "--tokenizer", "byte"],
-        capture_output=True, text=True, timeout=120,
+        ".",
     )  # fmt: skip
     assert exported.returncode == 0, exported.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()

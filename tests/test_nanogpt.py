@@ -1,12 +1,10 @@
 """nanoGPT's ckpt.pt in: sampling, fine-tuning and export read it safely and exactly."""
 
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN
+from conftest import GPT2_TIKTOKEN, in_process
 
 from minigpt2 import GPT, GPTConfig
 from minigpt2.errors import MiniGPT2Error
@@ -80,9 +78,8 @@ def test_nanogpt_export_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     source = nanogpt_model(bias=False)  # zero biases in the export compute the same thing
     save_nanogpt(source, tmp_path / "ckpt.pt", compiled=False, mask_buffers=False)
-    result = subprocess.run(
+    result = in_process(
         [
-            sys.executable,
             "-m",
             "minigpt2",
             "export",
@@ -90,9 +87,7 @@ def test_nanogpt_export_matches_transformers(tmp_path):
             str(tmp_path / "hf"),
             "--no-tokenizer",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ".",
     )
     assert result.returncode == 0, result.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
@@ -107,9 +102,8 @@ def test_sample_and_fine_tune_from_nanogpt(tmp_path):
     from minigpt2.cli.train import train_main
 
     save_nanogpt(nanogpt_model(bias=True), tmp_path / "ckpt.pt")
-    sample = subprocess.run(
+    sample = in_process(
         [
-            sys.executable,
             "-m",
             "minigpt2",
             "sample",
@@ -124,9 +118,7 @@ def test_sample_and_fine_tune_from_nanogpt(tmp_path):
             "5",
             "--json",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+        ".",
     )
     assert sample.returncode == 0, sample.stderr
     (tmp_path / "data.txt").write_text("To be, or not to be, that is the question. " * 300)

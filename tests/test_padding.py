@@ -197,17 +197,14 @@ def test_each_row_stops_on_its_own():
 
 def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_path):
     import json
-    import subprocess
-    import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, in_process
 
     transformers = pytest.importorskip("transformers")
     prompts = ["Hello there, how", "ab", "The quick brown fox"]  # 16, 2 and 19 bytes
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    result = subprocess.run(
+    result = in_process(
         [
-            sys.executable,
             str(ROOT / "sample.py"),
             "--model",
             str(hf_dir),
@@ -219,10 +216,7 @@ def test_sample_batch_file_equals_transformers_left_padded_generate(hf_dir, tmp_
             "--max-new-tokens",
             "12",
         ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
+        tmp_path,
     )
     assert result.returncode == 0, result.stderr
     got = [json.loads(line)["token_ids"] for line in result.stdout.splitlines()]

@@ -2,12 +2,10 @@
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import write_wide_byte_checkpoint
+from conftest import in_process, write_wide_byte_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig
@@ -46,11 +44,11 @@ def test_int8_weights_are_within_half_a_step_and_logits_within_two_percent():
 @needs_int8
 def test_quantized_sampling_through_the_command_line(tmp_path):
     model_dir = write_wide_byte_checkpoint(tmp_path / "m", n_positions=64)
-    result = subprocess.run(
-        [sys.executable, "-m", "minigpt2", "sample", "--model", str(model_dir), "--tokenizer",
+    result = in_process(
+        ["-m", "minigpt2", "sample", "--model", str(model_dir), "--tokenizer",
          "byte", "--prompt", "hello", "--greedy", "--max-new-tokens", "12", "--quantize", "int8",
          "--json"],
-        capture_output=True, text=True, timeout=120,
+        ".",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     ours = quantize_for_decoding(GPT.from_pretrained(str(model_dir)))
@@ -84,10 +82,10 @@ def test_bfloat16_layout_picks_a_kernel_per_shape_and_keeps_the_numbers(tmp_path
 
 def test_quantize_bad_input_is_one_line(tmp_path, monkeypatch):
     model_dir = write_wide_byte_checkpoint(tmp_path / "m", n_positions=64)
-    result = subprocess.run(
-        [sys.executable, "-m", "minigpt2", "sample", "--model", str(model_dir), "--tokenizer",
+    result = in_process(
+        ["-m", "minigpt2", "sample", "--model", str(model_dir), "--tokenizer",
          "byte", "--quantize", "int4"],
-        capture_output=True, text=True, timeout=120,
+        ".",
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

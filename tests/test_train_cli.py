@@ -1,7 +1,6 @@
 """train.py as users run it: config errors, SIGINT, fine-tuning and export."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,21 +8,14 @@ import time
 
 import pytest
 import torch
-from conftest import GPT2_TIKTOKEN, ROOT, write_hf_checkpoint
+from conftest import GPT2_TIKTOKEN, ROOT, in_process, write_hf_checkpoint
 from test_train import CORPUS, settings
 
 from minigpt2.train.config import parse_args
 
 
-def run(args, cwd, timeout=120):
-    return subprocess.run(
-        [sys.executable, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+def run(args, cwd):
+    return in_process(args, cwd)
 
 
 def resume(out_dir, max_iters: int, cwd):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import GPT2_TIKTOKEN, ROOT, write_hf_checkpoint
+from conftest import GPT2_TIKTOKEN, ROOT, in_process, write_hf_checkpoint
 from safetensors.torch import load_file
 from test_train import settings
 
@@ -155,13 +155,7 @@ def test_a_negative_learning_rate_is_named(tmp_path):
 
 
 def sample(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt2", "sample", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return in_process(["-m", "minigpt2", "sample", *args], cwd)
 
 
 @pytest.mark.parametrize("count", ["0", "-3"])
