@@ -13,7 +13,7 @@ from conftest import write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig
-from minigpt2.decode.kernels import layout_for_inference
+from minigpt2.decode.kernels import layout_for_inference, pack_beside_native
 from minigpt2.decode.native import (
     NativeDecoder,
     NativeLinear,
@@ -345,3 +345,28 @@ def test_fuzz_native_steps_against_pytorch():
             assert (out.argmax(1) == ref.argmax(1))[clear].all(), where
     finally:
         torch.set_num_threads(before)
+
+
+def test_packed_copies_multiply_several_rows_and_leave_one_row_to_native():
+    """A server's float32 layers: products of more than PACKED_FROM rows in the oneDNN copy,
+    one row in native.c over the dense weight; both equal nn.Linear's."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=101, block_size=16)).eval()
+    plain = copy.deepcopy(model)
+    layout_for_inference(model, sequences=1)
+    added = pack_beside_native(model)
+    if not added:
+        pytest.skip("oneDNN is not available to this torch")
+    assert added == sum(4 * m.weight.numel() for m in plain.modules() if type(m) is torch.nn.Linear)
+    calls = []
+    for m in model.modules():
+        if "packed" in m.__dict__:
+            forward = m.__dict__["packed"].forward
+            m.__dict__["packed"].forward = lambda x, f=forward: calls.append(len(x)) or f(x)
+    for rows in (1, 2, 3, 16):
+        idx = torch.randint(0, 101, (rows, 1))
+        calls.clear()
+        with torch.inference_mode():
+            got, want = model(idx), plain(idx)
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+        assert bool(calls) == (rows > 2)

@@ -53,6 +53,21 @@ class FewRowsLinear(torch.nn.Linear):
             torch.backends.mkldnn.enabled = onednn
 
 
+def pack_beside_native(model: GPT) -> int:
+    """Give each float32 NativeLinear of model a copy of its weight in oneDNN's layout, which
+    multiplies its products of more than native.PACKED_FROM rows (batched decode steps and
+    prompts) while one-row steps keep reading the dense weight; returns the bytes the copies
+    take. gpt2's 48 block matrices, each cold, at 16 rows: 25.7-28.0 ms packed against
+    34.4-38.1 in native.c (BENCHMARKS.md, serving)."""
+    added = 0
+    for module in model.modules():
+        if isinstance(module, NativeLinear) and packed_weights_available(module.weight):
+            if "packed" not in module.__dict__:  # not a child module: kept out of modules()
+                module.__dict__["packed"] = PackedLinear(module.weight, module.bias)
+                added += module.weight.numel() * module.weight.element_size()
+    return added
+
+
 def _pass_seconds(layers: list[torch.nn.Module], rounds: int = 9) -> float:
     """Median time of one row through every layer in turn (inputs of each layer's width), as a
     decode step meets them: each weight cold, read once per step."""

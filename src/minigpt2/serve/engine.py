@@ -27,7 +27,7 @@ from ..decode.generate import (
     process_logits,
     seeded_generator,
 )
-from ..decode.native import NativeLinear
+from ..decode.kernels import pack_beside_native
 from ..errors import MiniGPT2Error
 from ..model.attention import KVCache
 from ..model.gpt import GPT
@@ -110,11 +110,10 @@ class Engine:
         self.model, self.vocab = self.generator.model, self.generator.vocab
         config, weight = self.model.config, self.model.transformer.wte.weight
         self.cache = KVCache.slots(config, slots, config.block_size, weight.device, weight.dtype)
-        for module in self.model.modules():
-            if isinstance(module, NativeLinear) and module.weight.dtype is torch.float32:
-                # a step of up to `slots` rows in native.c: gpt2's 49 float32 products of 16
-                # rows took 50 ms there against 88 in torch (BENCHMARKS.md, serving)
-                module.rows = max(NativeLinear.ROWS, slots)
+        # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
+        # copy of the weights (the one-row native step reads the first): the engine alone at
+        # 4, 8 and 16 gpt2 rows 1.03-1.04x, 1.10-1.14x, 1.11-1.28x (BENCHMARKS.md, serving)
+        self.packed_bytes = pack_beside_native(self.model)
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()

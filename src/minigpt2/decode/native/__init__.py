@@ -159,6 +159,9 @@ def native_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
 
 
+PACKED_FROM = 2  # rows above which a layer's packed copy, where it has one, multiplies
+
+
 class NativeLinear(nn.Linear):
     """A linear layer for CPU decoding: up to ROWS rows (a decode step of that many sequences)
     in native.c, more (a prompt) in torch. Same parameters as the nn.Linear it replaces."""
@@ -169,7 +172,10 @@ class NativeLinear(nn.Linear):
         w = self.weight
         readable = w.dtype in TYPES and w.device.type == "cpu"  # not after .half() or .cuda()
         most = getattr(self, "rows", self.ROWS)
-        if x.shape[:-1].numel() > most or torch.is_grad_enabled() or not readable:
+        n, packed = x.shape[:-1].numel(), self.__dict__.get("packed")
+        if packed is not None and n > PACKED_FROM and not torch.is_grad_enabled():
+            return packed(x)  # a copy in oneDNN's layout, where one was made (kernels.py)
+        if n > most or torch.is_grad_enabled() or not readable:
             return super().forward(x)
         return native_linear(self, x)
 
