@@ -35,21 +35,24 @@ def pairs(n: int = 24) -> list[dict]:
     ]
 
 
-def dpo_settings(tmp_path, rows=None, **overrides) -> list[str]:
+def dpo_keys(tmp_path, rows=None) -> dict:
+    """A DPO run's keys over a policy and pairs written in tmp_path (the policy once)."""
     policy = tmp_path / "policy"
     if not policy.exists():
         write_wide_byte_checkpoint(policy, 64, seed=0)
     data = write_jsonl(tmp_path / "pairs.jsonl", rows or pairs())
-    base = dict(
+    return dict(
         init_from=str(policy),
         data=data,
         objective="dpo",
         val_fraction=0.25,
-        batch_size=4,
         block_size=64,
-        dropout=0.0,
         learning_rate=1e-3,
     )
+
+
+def dpo_settings(tmp_path, rows=None, **overrides) -> list[str]:
+    base = dict(dpo_keys(tmp_path, rows), batch_size=4, dropout=0.0)
     return settings(tmp_path, **{**base, **overrides})
 
 
@@ -206,16 +209,7 @@ def test_resume_is_exact_and_the_reference_comes_from_the_checkpoint(tmp_path, m
 def test_two_processes_match_one(tmp_path):
     from test_distributed import assert_same_run, run_world, tiny
 
-    policy = write_wide_byte_checkpoint(tmp_path / "policy", 64)
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs())
-    common = dict(
-        init_from=str(policy),
-        data=data,
-        objective="dpo",
-        block_size=64,
-        val_fraction=0.25,
-        learning_rate=1e-3,
-    )
+    common = dpo_keys(tmp_path)
     run_world(1, tiny(tmp_path, "one", **common), tmp_path)
     run_world(2, tiny(tmp_path, "two", **common), tmp_path)
     assert_same_run(tmp_path / "one", tmp_path / "two")

@@ -113,7 +113,7 @@ class Engine:
         # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
         # copy of the weights (the one-row native step reads the first): the engine alone at
         # 4, 8 and 16 gpt2 rows 1.03-1.04x, 1.10-1.14x, 1.11-1.28x (BENCHMARKS.md, serving)
-        self.packed_bytes = pack_beside_native(self.model)
+        pack_beside_native(self.model)
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()

@@ -171,11 +171,12 @@ class NativeLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         readable = w.dtype in TYPES and w.device.type == "cpu"  # not after .half() or .cuda()
-        most = getattr(self, "rows", self.ROWS)
+        if torch.is_grad_enabled() or not readable:
+            return super().forward(x)
         n, packed = x.shape[:-1].numel(), self.__dict__.get("packed")
-        if packed is not None and n > PACKED_FROM and not torch.is_grad_enabled():
+        if packed is not None and n > PACKED_FROM:
             return packed(x)  # a copy in oneDNN's layout, where one was made (kernels.py)
-        if n > most or torch.is_grad_enabled() or not readable:
+        if n > getattr(self, "rows", self.ROWS):
             return super().forward(x)
         return native_linear(self, x)
 
