@@ -112,7 +112,7 @@ class Engine:
         self.cache = KVCache.slots(config, slots, config.block_size, weight.device, weight.dtype)
         # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
         # copy of the weights (the one-row native step reads the first): the engine alone at
-        # 4, 8 and 16 gpt2 rows 1.03-1.04x, 1.10-1.14x, 1.11-1.28x (BENCHMARKS.md, serving)
+        # 4 to 16 gpt2 rows 1.03-1.28x (benchmarks/bench_engine.py; BENCHMARKS.md, serving)
         pack_beside_native(self.model)
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
