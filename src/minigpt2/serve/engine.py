@@ -110,9 +110,9 @@ class Engine:
         self.model, self.vocab = self.generator.model, self.generator.vocab
         config, weight = self.model.config, self.model.transformer.wte.weight
         self.cache = KVCache.slots(config, slots, config.block_size, weight.device, weight.dtype)
-        # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
-        # copy of the weights (the one-row native step reads the first): the engine alone at
-        # 4 to 16 gpt2 rows 1.03-1.28x (benchmarks/bench_engine.py; BENCHMARKS.md, serving)
+        # steps of several rows, and prompts, multiply in oneDNN's layout, a second copy of
+        # the weights (the one-row native step reads the first): float32 at 4 to 16 gpt2 rows
+        # 1.03-1.28x the engine alone, bfloat16 and int8 products about 2x (BENCHMARKS.md)
         pack_beside_native(self.model)
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue

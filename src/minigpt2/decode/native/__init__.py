@@ -66,7 +66,12 @@ def _library() -> ctypes.CDLL | None:
     spec = importlib.util.find_spec("minigpt2.decode.native._native")
     if spec is None or spec.origin is None:
         return None
-    lib = ctypes.CDLL(spec.origin)
+    return open_library(spec.origin)
+
+
+def open_library(path: str) -> ctypes.CDLL | None:
+    """A build of native.c at path with its signatures set, or None where this CPU cannot run it."""
+    lib = ctypes.CDLL(path)
     lib.mg2_supported.restype = c_int
     if not lib.mg2_supported():
         return None

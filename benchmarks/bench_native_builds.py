@@ -1,0 +1,134 @@
+"""The native decoder built from two revisions of native.c, side by side in one process: a gpt2
+one-token step (one sequence) and the 49 products of a step at a few rows, alternated round by
+round, on the gpt2 shape with random weights.
+
+    python benchmarks/bench_native_builds.py --base REV [--dtypes float32,bfloat16,int8] \
+        [--rows 1,4,8] [--rounds 6]
+
+Each build is compiled here with setup.py's flags, from `git show REV:...` for the base and
+from the working tree for the other, and loaded with ctypes; the decoder's calls go to one
+build or the other in turn (who goes first alternating), so both see the same machine. Per
+dtype and rows: the median time of each, and the median of each round's ratio (base over
+this tree's: above 1 means this tree is faster), which the machine's drift moves less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import minigpt2.decode.native as native
+from minigpt2 import GPT, GPTConfig
+from minigpt2.decode.kernels import layout_for_inference
+from minigpt2.decode.quantize import quantize_for_decoding
+from minigpt2.model.attention import KVCache
+
+SOURCE = "src/minigpt2/decode/native/"
+PARTS = ("native.c", "native.h", "native_kernels.h", "native_simd.h")
+FLAGS = ["-O3", "-std=c11", "-fopenmp", "-march=x86-64", "-mtune=generic"]  # setup.py's
+
+
+def build(root: Path, revision: str | None, into: Path) -> Path:
+    """native.c of revision (None: the working tree) compiled into a shared library."""
+    into.mkdir(parents=True)
+    for part in PARTS:
+        path = SOURCE + part
+        text = (
+            (root / path).read_text()
+            if revision is None
+            else subprocess.run(
+                ["git", "show", f"{revision}:{path}"], cwd=root, check=True, text=True,
+                capture_output=True,
+            ).stdout
+        )  # fmt: skip
+        (into / part).write_text(text)
+    library = into / "native.so"
+    subprocess.run(["gcc", *FLAGS, "-shared", "-fPIC", str(into / "native.c"), "-o", str(library)],
+                   check=True)  # fmt: skip
+    return library
+
+
+def use(library: ctypes.CDLL) -> None:
+    """Send the native decoder's calls to library (opened with native.open_library) from now on."""
+    native._library = lambda: library
+
+
+def model_for(dtype: str) -> GPT:
+    """gpt2 with random weights, laid out for one-sequence decoding in dtype."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.preset("gpt2")).eval()
+    if dtype == "int8":
+        return quantize_for_decoding(model, "int8")
+    return layout_for_inference(model.to(getattr(torch, dtype)), sequences=1)
+
+
+def timer(model: GPT, rows: int):
+    """A function timing one step (rows = 1) or one step's 49 products at rows rows, seconds."""
+    layers = [m for b in model.transformer.h for m in (b.attn.c_attn, b.attn.c_proj,
+              b.mlp.c_fc, b.mlp.c_proj)] + [model.lm_head]  # fmt: skip
+    inputs = [torch.randn(rows, m.weight.shape[1]) for m in layers]
+    decoders: dict = {}
+
+    def step(library: ctypes.CDLL, n: int = 20) -> float:
+        use(library)
+        if library not in decoders:
+            decoders[library] = native.NativeDecoder(model)
+        decoder = decoders[library]
+        cache = KVCache(model.config, 1, 256, "cpu", torch.float32)
+        t = time.perf_counter()
+        for _ in range(n):
+            decoder.step(5, cache)
+        return (time.perf_counter() - t) / n
+
+    def products(library: ctypes.CDLL, n: int = 10) -> float:
+        use(library)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(n):
+                for layer, x in zip(layers, inputs, strict=True):
+                    native.native_linear(layer, x)
+        return (time.perf_counter() - t) / n
+
+    return step if rows == 1 else products
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="git revision to compare the working tree with")
+    p.add_argument("--dtypes", default="float32,bfloat16,int8")
+    p.add_argument("--rows", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=6)
+    args = p.parse_args()
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        base, mine = (
+            native.open_library(str(build(root, rev, Path(tmp) / name)))
+            for rev, name in ((args.base, "base"), (None, "tree"))
+        )
+        print(f"{args.base} against the working tree, {torch.get_num_threads()} threads, "
+              f"{args.rounds} rounds")  # fmt: skip
+        for dtype in args.dtypes.split(","):
+            model = model_for(dtype)
+            for rows in (int(r) for r in args.rows.split(",")):
+                run = timer(model, rows)
+                run(base, 3), run(mine, 3)  # warm-up: first calls set up
+                times: dict[ctypes.CDLL, list[float]] = {base: [], mine: []}
+                for r in range(args.rounds):
+                    for library in (base, mine) if r % 2 == 0 else (mine, base):
+                        times[library].append(run(library))
+                pairs = zip(times[base], times[mine], strict=True)
+                ratio = statistics.median(a / b for a, b in pairs)
+                what = "step" if rows == 1 else f"products of {rows} rows"
+                before, after = (statistics.median(times[k]) * 1e3 for k in (base, mine))
+                print(f"{dtype:<9} {what:<22} {before:6.2f} ms -> {after:6.2f} ms: {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
