@@ -3,19 +3,21 @@ one-token step (one sequence) and the 49 products of a step at a few rows, alter
 round, on the gpt2 shape with random weights.
 
     python benchmarks/bench_native_builds.py --base REV [--dtypes float32,bfloat16,int8] \
-        [--rows 1,4,8] [--rounds 6]
+        [--rows 1,4,8] [--rounds 6] [--burst BUSY_US,PERIOD_US]
 
 Each build is compiled here with setup.py's flags, from `git show REV:...` for the base and
 from the working tree for the other, and loaded with ctypes; the decoder's calls go to one
 build or the other in turn (who goes first alternating), so both see the same machine. Per
 dtype and rows: the median time of each, and the median of each round's ratio (base over
 this tree's: above 1 means this tree is faster), which the machine's drift moves less.
+--burst keeps another process busy for BUSY_US microseconds of every PERIOD_US meanwhile.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import multiprocessing
 import statistics
 import subprocess
 import tempfile
@@ -58,6 +60,16 @@ def build(root: Path, revision: str | None, into: Path) -> Path:
 def use(library: ctypes.CDLL) -> None:
     """Send the native decoder's calls to library (opened with native.open_library) from now on."""
     native._library = lambda: library
+
+
+def burst(busy_us: int, period_us: int) -> None:
+    """Forever: busy on a core for busy_us, then asleep for the rest of period_us (a server's
+    HTTP side and client, as they take a core from a decode step now and then)."""
+    while True:
+        t = time.perf_counter()
+        while time.perf_counter() - t < busy_us / 1e6:
+            pass
+        time.sleep((period_us - busy_us) / 1e6)
 
 
 def model_for(dtype: str) -> GPT:
@@ -105,7 +117,13 @@ def main() -> None:
     p.add_argument("--dtypes", default="float32,bfloat16,int8")
     p.add_argument("--rows", default="1,4,8")
     p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--burst", default=None, metavar="BUSY_US,PERIOD_US",
+                   help="another process busy BUSY_US of every PERIOD_US meanwhile")  # fmt: skip
     args = p.parse_args()
+    if args.burst:
+        busy_us, period_us = (int(v) for v in args.burst.split(","))
+        load = multiprocessing.Process(target=burst, args=(busy_us, period_us), daemon=True)
+        load.start()
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         base, mine = (

@@ -114,3 +114,20 @@ def hf_folder(tmp_path: Path, monkeypatch) -> Path:
     folder = tmp_path / "ds"
     folder.mkdir()
     return folder
+
+
+def fill_slots(model, cache, seqs: dict, lengths: dict) -> None:
+    """Run seqs[slot]'s first lengths[slot] tokens into each slot of a KVCache.slots cache."""
+    with torch.inference_mode():
+        for slot, n in lengths.items():
+            alone = cache.row(slot)
+            model.hidden_states(seqs[slot][:, :n], alone)
+            cache.lengths[slot], cache.live[slot] = alone.pos, True
+
+
+def slot_tokens(seqs: dict, lengths: dict, step: int, slots: int) -> torch.Tensor:
+    """(slots, 1) ids of each filled slot's token at its step after the prompt (others 0)."""
+    idx = torch.zeros(slots, 1, dtype=torch.long)
+    for slot, n in lengths.items():
+        idx[slot, 0] = seqs[slot][0, n + step]
+    return idx

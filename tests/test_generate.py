@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, in_process, write_hf_checkpoint
+from conftest import ROOT, fill_slots, in_process, slot_tokens, write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig, process_logits
@@ -334,15 +334,10 @@ def test_a_slot_cache_steps_rows_at_their_own_lengths(dtype):
     seqs[3] = torch.randint(0, 53, (1, 13))
     lengths = {0: 3, 2: 9, 3: 5}
     cache = KVCache.slots(model.config, 4, 32, "cpu", dtype)
+    fill_slots(model, cache, seqs, lengths)
     with torch.inference_mode():
-        for slot, n in lengths.items():
-            alone = cache.row(slot)
-            model.hidden_states(seqs[slot][:, :n], alone)
-            cache.lengths[slot], cache.live[slot] = alone.pos, True
         for step in range(4):
-            idx = torch.zeros(4, 1, dtype=torch.long)
-            for slot, n in lengths.items():
-                idx[slot, 0] = seqs[slot][0, n + step]
+            idx = slot_tokens(seqs, lengths, step, 4)
             logits = model.lm_head(model.hidden_states(idx, cache))[:, -1]
             for slot, n in lengths.items():
                 ref = model(seqs[slot][:, : n + step + 1])[0, -1]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_hf_checkpoint
+from conftest import fill_slots, slot_tokens, write_hf_checkpoint
 
 from minigpt2 import GPT, GPTConfig, MiniGPT2Error
 from minigpt2.decode.generate import Generator, SamplingConfig
@@ -20,6 +20,7 @@ from minigpt2.decode.native import (
     instruction_set,
     instruction_sets,
     native_available,
+    slots_attention,
     use_native_linears,
 )
 from minigpt2.decode.quantize import Int8Linear, quantize_for_decoding
@@ -386,3 +387,43 @@ def test_packed_copies_multiply_several_rows_and_leave_one_row_to_native(kind):
         else:  # bfloat16 activations (copies, torch) or float32 ones (native.c) between layers
             assert (got - want).abs().max() < 0.05 * scale
             assert (got - exact).abs().max() < 0.1 * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_slot_attention_steps_equal_each_sequence_alone(dtype):
+    """Rows at different lengths (one slot free between them) step together with native.c's
+    attention over each row's own slot: each row's logits are its sequence's alone."""
+    model = odd_model().to(dtype)
+    seqs = {slot: torch.randint(0, 37, (1, 20)) for slot in (0, 2, 3)}
+    lengths = {0: 3, 2: 11, 3: 6}
+    cache = KVCache.slots(model.config, 4, 40, "cpu", dtype)
+    cache.attend = slots_attention(cache)
+    assert cache.attend is not None
+    twin = KVCache.slots(model.config, 4, 40, "cpu", dtype)  # the same steps in torch
+    for c in (cache, twin):
+        fill_slots(model, c, seqs, lengths)
+    with torch.inference_mode():
+        for step in range(5):
+            idx = slot_tokens(seqs, lengths, step, 4)
+            logits = model.lm_head(model.hidden_states(idx, cache))[:, -1].float()
+            torch_way = model.lm_head(model.hidden_states(idx, twin))[:, -1].float()
+            for slot, n in lengths.items():
+                if dtype is torch.float32:
+                    ref = model(seqs[slot][:, : n + step + 1])[0, -1]
+                    assert torch.allclose(logits[slot], ref, atol=2e-5, rtol=1e-5), (slot, step)
+                else:  # bfloat16 products: rounding apart from torch's attention, no more
+                    scale = torch_way[slot].abs().max()
+                    assert (logits[slot] - torch_way[slot]).abs().max() < 0.05 * scale
+    assert cache.lengths.tolist() == [8, 0, 16, 11]  # later steps read the stored keys
+
+
+def test_slot_attention_refuses_a_length_past_the_cache():
+    model = odd_model()
+    cache = KVCache.slots(model.config, 2, 8, "cpu", torch.float32)
+    cache.attend = slots_attention(cache)
+    cache.lengths[1], cache.live[1] = 8, True
+    before = cache.kv.clone()
+    with torch.inference_mode(), pytest.raises(MiniGPT2Error, match="8 positions"):
+        cache.attend(0, torch.randn(2, 3 * 66))
+    assert torch.equal(cache.kv, before)  # nothing written
+    assert slots_attention(KVCache(model.config, 1, 8, "cpu", torch.float32)) is None

@@ -31,6 +31,9 @@ class KVCache:
         self.seen: torch.Tensor | None = None  # (batch,) real tokens stored per row
         self.lengths: torch.Tensor | None = None  # slots only: (batch,) tokens stored per row
         self.live: torch.Tensor | None = None  # slots only: (batch,) rows a step moves on
+        # slots only: a faster attention for one-token steps, (layer, qkv (B, 3C)) -> (B, C)
+        # float32, storing the keys and values itself (decode.native.slots_attention)
+        self.attend = None
 
     @classmethod
     def slots(cls, config: GPTConfig, slots: int, length: int, device, dtype) -> KVCache:
@@ -52,7 +55,7 @@ class KVCache:
         out = KVCache.__new__(KVCache)
         out.kv = self.kv[:, :, i : i + 1]  # (n_layer, 2, 1, n_head, length, hd), contiguous
         out.pos, out.mask, out.seen = int(self.lengths[i]), None, None
-        out.lengths = out.live = None
+        out.lengths = out.live = out.attend = None
         return out
 
     def reset(self) -> None:
@@ -66,7 +69,7 @@ class KVCache:
         out.kv, out.pos = self.kv[:, :, rows], self.pos
         out.mask = None if self.mask is None else self.mask[rows]
         out.seen = None if self.seen is None else self.seen[rows]
-        out.lengths = out.live = None
+        out.lengths = out.live = out.attend = None
         return out
 
     def mark_filled(self, real: torch.Tensor) -> None:
@@ -94,8 +97,12 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache: KVCache | None = None, layer: int = 0, mask=None):
         """mask: None (causal only) or a (B, 1, T, past+T) boolean of the keys each query sees."""
         B, T, C = x.shape
+        projected = self.c_attn(x)
+        if cache is not None and cache.attend is not None and T == 1:
+            y = cache.attend(layer, projected.view(B, 3 * C)).to(x.dtype).view(B, T, C)
+            return self.resid_dropout(self.c_proj(y))
         # (3, B, nh, T, hs) in one view: q, k and v, and k with v for the cache in one copy
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        qkv = projected.view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         past = 0
         if cache is not None and cache.lengths is not None:  # slots: each row at its length

@@ -28,6 +28,7 @@ from ..decode.generate import (
     seeded_generator,
 )
 from ..decode.kernels import pack_beside_native
+from ..decode.native import slots_attention
 from ..errors import MiniGPT2Error
 from ..model.attention import KVCache
 from ..model.gpt import GPT
@@ -114,6 +115,7 @@ class Engine:
         # the weights (the one-row native step reads the first): float32 at 4 to 16 gpt2 rows
         # 1.03-1.28x the engine alone, bfloat16 and int8 products about 2x (BENCHMARKS.md)
         pack_beside_native(self.model)
+        self.cache.attend = slots_attention(self.cache)  # None: torch's attention
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()

@@ -81,6 +81,11 @@ def open_library(path: str) -> ctypes.CDLL | None:
     lib.mg2_work_floats.argtypes = [c_int, c_int, c_int]
     lib.mg2_step.argtypes = [POINTER(_Model), c_int, c_int, c_void_p]
     lib.mg2_linear.argtypes = [POINTER(_Linear), c_void_p, c_void_p, c_int, c_int]
+    if hasattr(lib, "mg2_attend_slots"):  # builds of earlier revisions lack it (benchmarks)
+        lib.mg2_attend_slots.restype = c_int
+        lib.mg2_attend_slots.argtypes = (
+            [c_void_p, ctypes.c_long] + [c_int] * 4 + [c_void_p, c_int] + [c_void_p] * 3 + [c_int]
+        )
     return lib
 
 
@@ -162,6 +167,41 @@ def native_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch.get_num_threads(),
     )  # fmt: skip
     return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def slots_attention(cache: KVCache):
+    """A native attention for cache's one-token steps (KVCache.attend): each row over its own
+    slot, with no padding to the longest row, or None where native.c cannot (not built, not a
+    float32 slot cache on the CPU). gpt2, 4 rows: 0.3 ms a layer in torch's SDPA (BENCHMARKS.md,
+    serving)."""
+    storage = cache.kv.permute(2, 0, 1, 3, 4, 5)  # (slots, n_layer, 2, n_head, room, hd)
+    usable = cache.lengths is not None and cache.kv.device.type == "cpu"
+    if not (native_available() and usable and cache.kv.dtype is torch.float32):
+        return None
+    if not storage.is_contiguous():
+        return None
+    n_layer, _, n_head, room, hd = storage.shape[1:]
+    slot_floats, width = storage[0].numel(), n_head * hd
+    scratch: list[torch.Tensor] = []  # threads * room floats, grown when threads grow
+
+    def attend(layer: int, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, n_embd) float32 attention outputs of qkv (B, 3 n_embd), storing keys, values."""
+        rows = qkv.shape[0]
+        qkv = qkv.float().contiguous()
+        lengths = cache.lengths[:rows].contiguous()
+        threads = torch.get_num_threads()
+        if not scratch or scratch[0].numel() < threads * room:
+            scratch[:] = [torch.empty(threads * room)]
+        out = torch.empty(rows, width)
+        status = _library().mg2_attend_slots(
+            storage.data_ptr(), slot_floats, room, n_head, width, layer, lengths.data_ptr(),
+            rows, qkv.data_ptr(), out.data_ptr(), scratch[0].data_ptr(), threads,
+        )  # fmt: skip
+        if status != 0:
+            raise MiniGPT2Error(f"a slot's length is past the cache's {room} positions")
+        return out
+
+    return attend
 
 
 PACKED_FROM = 2  # rows above which a layer's packed copy, where it has one, multiplies

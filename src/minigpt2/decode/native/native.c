@@ -160,7 +160,9 @@ static int use_avx512(void) {
    at pos; positions before it must be there already. */
 void mg2_step(const Model *model, int token, int pos, float *logits) {
     Barrier sync = {0, 0, 0};
-    const Step step = {model, token, pos, logits, &sync};
+    int taken[2 * model->threads * APART];  /* native.h: CHUNK, counters */
+    for (int i = 0; i < 2 * model->threads * APART; i++) taken[i] = 0;
+    const Step step = {model, token, pos, logits, &sync, taken};
     const int avx512 = use_avx512();
 #pragma omp parallel num_threads(model->threads)
     {
@@ -174,12 +176,37 @@ void mg2_step(const Model *model, int token, int pos, float *logits) {
 /* y (seqs, rows) = x (seqs, cols) W^T + b, on `threads` threads. */
 void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {
     const int avx512 = use_avx512();
+    int taken[threads * APART];
+    for (int i = 0; i < threads * APART; i++) taken[i] = 0;
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        if (avx512) linear_part_avx512(layer, input, output, seqs, tid, team, STORE, 0);
-        else linear_part_avx2(layer, input, output, seqs, tid, team, STORE, 0);
+        if (avx512) linear_part_avx512(layer, input, output, seqs, tid, team, taken, STORE, 0);
+        else linear_part_avx2(layer, input, output, seqs, tid, team, taken, STORE, 0);
     }
+}
+
+/* One layer's attention for `rows` sequences of a slot cache, one new token each
+   (native_kernels.h: attend_slots), on `threads` threads; scratch holds threads * room floats
+   (a row of scores each). -1, doing nothing, where a position is outside [0, room). */
+int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_embd, int layer,
+                     const int64_t *lengths, int rows, const float *qkv, float *out,
+                     float *scratch, int threads) {
+    for (int i = 0; i < rows; i++)
+        if (lengths[i] < 0 || lengths[i] >= room) return -1;
+    const int avx512 = use_avx512();
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num(), team = omp_get_num_threads();
+        float *scores = scratch + (size_t)tid * room;
+        if (avx512)
+            attend_slots_avx512(kv, slot_floats, room, n_head, n_embd, layer, lengths, rows, qkv,
+                                out, scores, tid, team);
+        else
+            attend_slots_avx2(kv, slot_floats, room, n_head, n_embd, layer, lengths, rows, qkv,
+                              out, scores, tid, team);
+    }
+    return 0;
 }
 
 #else /* not x86-64 with gcc or clang: no native decoder, minigpt2 decodes in PyTorch */
@@ -188,5 +215,8 @@ int mg2_supported(void) { return 0; }
 int mg2_use_level(int wanted) { return 0; }
 void mg2_step(const Model *model, int token, int pos, float *logits) {}
 void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {}
+int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_embd, int layer,
+                     const int64_t *lengths, int rows, const float *qkv, float *out,
+                     float *scratch, int threads) { return -1; }
 
 #endif

@@ -53,6 +53,7 @@ typedef struct { /* one decode step's arguments, read by every thread */
     int token, pos;
     float *logits;
     Barrier *sync;
+    int *taken;  /* two sets of counters (native_kernels.h: counters), threads * APART each */
 } Step;
 
 /* The scratch of a step (Model.work), laid out once here for mg2_work_floats and the step,
@@ -85,6 +86,17 @@ static inline void share(int rows, int tid, int threads, int *begin, int *end) {
     *end = tid == threads - 1 ? rows : blocks * (tid + 1) / threads * 16;
 }
 
+/* A thread works through its share of a product CHUNK rows at a time, taken from a counter of
+   its share's, then takes what is left of the others' shares from their counters: one whose
+   partner lost its core (the cores are shared with a server's HTTP side, or other work) does
+   the rest of its partner's rows rather than wait for them at the next barrier, and each
+   share is still read front to back, one stream. 64 rows: a 16-row block's multiple, 48-192
+   KB of gpt2's weights a take (BENCHMARKS.md, "The native decoder's kernels"). */
+#define CHUNK 64
+/* Counters a cache line apart (16 ints): threads adding to their own do not pass the line to
+   and fro. */
+#define APART 16
+
 /* A row's dot product is summed in UNROLL accumulators, one row at a time: one sequential
    stream from memory per thread, which read faster than several rows side by side, and enough
    independent sums to hide the FMA's latency (BENCHMARKS.md, "What the native decoder is"). */
@@ -93,5 +105,16 @@ static inline void share(int rows, int tid, int threads, int *begin, int *end) {
    stream prefetchers stop at every 4 KiB page, so a page ahead keeps the stream going across
    page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). */
 #define AHEAD 4096
+
+/* The counters of a step's product (a meeting between each and the next): two sets by turns,
+   thread 0 zeroing the other set while the product runs. All threads are past the product
+   before last (a meeting since) and none starts the next before the meeting after this one,
+   which thread 0 reaches after the zeroing. */
+static inline int *counters(const Step *step, int product, int tid) {
+    const int each = step->model->threads * APART;
+    if (tid == 0)
+        for (int i = 0; i < each; i++) step->taken[(product + 1) % 2 * each + i] = 0;
+    return step->taken + product % 2 * each;
+}
 
 #endif

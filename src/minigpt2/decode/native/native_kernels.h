@@ -168,12 +168,20 @@ static void F(linear_rows)(const Linear *layer, const float *input, float *outpu
     }
 }
 
-/* Thread tid's share (of `threads`) of linear_rows over all the layer's rows. */
+/* Thread tid's part (of `threads`) of linear_rows over the layer's rows: chunks of its own
+   share, then of the others' (native.h: CHUNK), taken[t * APART] counting those of thread
+   t's share (zero before the product). */
 static void F(linear_part)(const Linear *layer, const float *input, float *output, int seqs,
-                           int tid, int threads, int mode, int exact) {
-    int begin, end;
-    share(layer->rows, tid, threads, &begin, &end);
-    F(linear_rows)(layer, input, output, seqs, begin, end, mode, exact);
+                           int tid, int threads, int *taken, int mode, int exact) {
+    for (int k = 0; k < threads; k++) {
+        const int owner = (tid + k) % threads;
+        int *counter = taken + owner * APART, begin, end, at;
+        share(layer->rows, owner, threads, &begin, &end);
+        while ((at = begin + __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED) * CHUNK) < end) {
+            const int stop = end - at < CHUNK ? end : at + CHUNK;
+            F(linear_rows)(layer, input, output, seqs, at, stop, mode, exact);
+        }
+    }
 }
 
 static float F(dot)(const float *a, const float *b, int count) {
@@ -207,13 +215,14 @@ static void F(layer_norm)(const float *input, const float *weight, const float *
     }
 }
 
-/* One head of attention for the query at pos: store its key and value in the cache, then
-   softmax(q k^T / sqrt(head_dim)) v over positions 0..pos into out's columns of that head. */
-static void F(attend_head)(const Model *model, int layer, int head, int pos, const float *qkv,
-                           float *scores, float *out) {
-    const int E = model->n_embd, hd = E / model->n_head, n = pos + 1;
-    float *keys = model->kv + (((size_t)layer * 2 * model->n_head + head) * model->room) * hd;
-    float *vals = keys + (size_t)model->n_head * model->room * hd;
+/* One head of attention for the query at pos: store its key and value in the cache (kv, laid
+   out as Model's, room positions), then softmax(q k^T / sqrt(head_dim)) v over positions
+   0..pos into out's columns of that head. */
+static void F(attend_head)(float *kv, int room, int n_head, int E, int layer, int head, int pos,
+                           const float *qkv, float *scores, float *out) {
+    const int hd = E / n_head, n = pos + 1;
+    float *keys = kv + (((size_t)layer * 2 * n_head + head) * room) * hd;
+    float *vals = keys + (size_t)n_head * room * hd;
     const float *q = qkv + head * hd, scale = 1.0f / sqrtf((float)hd);
     for (int d = 0; d < hd; d++) {
         keys[(size_t)pos * hd + d] = qkv[E + head * hd + d];
@@ -239,6 +248,19 @@ static void F(attend_head)(const Model *model, int layer, int head, int pos, con
     }
 }
 
+/* Thread tid's part (of `threads`) of one layer's attention for `rows` one-token queries,
+   each over its own slot of a slot cache (KVCache.slots: slot i's cache at kv + i *
+   slot_floats, laid out as Model's) at position lengths[i]; qkv (rows, 3 E), out (rows, E). */
+static void F(attend_slots)(float *kv, long slot_floats, int room, int n_head, int E, int layer,
+                            const int64_t *lengths, int rows, const float *qkv, float *out,
+                            float *scores, int tid, int threads) {
+    for (int t = tid; t < rows * n_head; t += threads) {
+        const int i = t / n_head, head = t % n_head;
+        F(attend_head)(kv + i * slot_floats, room, n_head, E, layer, head, (int)lengths[i],
+                       qkv + (size_t)i * 3 * E, scores, out + (size_t)i * E);
+    }
+}
+
 /* One thread's part of a decode step (thread tid of `threads`); five meetings per block. */
 static void F(step_task)(const Step *step, int tid, int threads) {
     const Model *m = step->model;
@@ -257,24 +279,31 @@ static void F(step_task)(const Step *step, int tid, int threads) {
             c == VW ? F(vstore)(x + k, e) : F(vstoren)(x + k, e, c);
         }
     meet(step->sync, threads);
+    int product = 0;  /* the step's products in turn, counters of two sets by turns */
     for (int l = 0; l < m->n_layer; l++) {
         const Block *b = &m->blocks[l];
         F(layer_norm)(x, b->ln1_w, b->ln1_b, m->eps, E, normed);
-        F(linear_part)(&b->attn, normed, qkv, 1, tid, threads, STORE, exact);
+        int *taken = counters(step, product++, tid);
+        F(linear_part)(&b->attn, normed, qkv, 1, tid, threads, taken, STORE, exact);
         meet(step->sync, threads);
         for (int head = tid; head < m->n_head; head += threads)
-            F(attend_head)(m, l, head, step->pos, qkv, scores, attended);
+            F(attend_head)(m->kv, m->room, m->n_head, E, l, head, step->pos, qkv, scores,
+                           attended);
         meet(step->sync, threads);
-        F(linear_part)(&b->attn_proj, attended, x, 1, tid, threads, ADD, exact);
+        taken = counters(step, product++, tid);
+        F(linear_part)(&b->attn_proj, attended, x, 1, tid, threads, taken, ADD, exact);
         meet(step->sync, threads);
         F(layer_norm)(x, b->ln2_w, b->ln2_b, m->eps, E, normed);
-        F(linear_part)(&b->fc, normed, hidden, 1, tid, threads, GELU, exact);
+        taken = counters(step, product++, tid);
+        F(linear_part)(&b->fc, normed, hidden, 1, tid, threads, taken, GELU, exact);
         meet(step->sync, threads);
-        F(linear_part)(&b->fc_proj, hidden, x, 1, tid, threads, ADD, exact);
+        taken = counters(step, product++, tid);
+        F(linear_part)(&b->fc_proj, hidden, x, 1, tid, threads, taken, ADD, exact);
         meet(step->sync, threads);
     }
     F(layer_norm)(x, m->lnf_w, m->lnf_b, m->eps, E, normed);
-    F(linear_part)(&m->head, normed, step->logits, 1, tid, threads, STORE, exact);
+    int *taken = counters(step, product, tid);
+    F(linear_part)(&m->head, normed, step->logits, 1, tid, threads, taken, STORE, exact);
 }
 
 #undef V
