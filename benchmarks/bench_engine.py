@@ -9,8 +9,8 @@ tokens submitted at once, 128 greedy tokens each), and the seconds spent in prom
 in steps. Also the 48 block products of one step alone, each matrix cold, at 4, 8 and 16 rows;
 with --profile, torch.profiler's table of 10 steps of the largest N (ops by their own time;
 native.c's products, called through ctypes, are not in it). Then, at --dtype, one decode
-step of N slots with attention in torch's SDPA against native.c's slot attention
-(`--skip-engine`: those alone).
+step of N slots three ways: in torch with its SDPA attention, in torch with native.c's slot
+attention, and whole in native.c (`--skip-engine`: those alone).
 """
 
 from __future__ import annotations
@@ -29,7 +29,12 @@ import torch
 
 from minigpt2.decode.generate import SamplingConfig
 from minigpt2.decode.kernels import PackedLinear, layout_for_inference, pack_beside_native
-from minigpt2.decode.native import NativeLinear, native_linear, slots_attention
+from minigpt2.decode.native import (
+    NativeDecoder,
+    NativeLinear,
+    native_linear,
+    slots_attention,
+)
 from minigpt2.decode.quantize import quantize_for_decoding
 from minigpt2.formats.released import load_pretrained
 from minigpt2.serve.engine import Engine, Job
@@ -121,11 +126,13 @@ def filled_slots(model, rows: int, dtype: torch.dtype):
 
 def attention_steps(model, rows: int, rounds: int = 12) -> dict[str, float]:
     """Milliseconds of a decode step of rows slots (prompts of 16-128 tokens, packed copies as
-    the engine has them): attention in torch's SDPA against native.c's slot attention,
-    alternated step by step, each from the same cache lengths."""
+    the engine had them): in torch with its SDPA attention, in torch with native.c's slot
+    attention, and the whole step in native.c (NativeDecoder.step_slots), alternated step by
+    step, each from the same cache lengths."""
     pack_beside_native(model)
     cache = filled_slots(model, rows, model.transformer.wte.weight.dtype)
-    ways = {"torch": None, "native": slots_attention(cache)}
+    decoder, slots = NativeDecoder(model), list(range(rows))
+    ways = {"torch": None, "native attention": slots_attention(cache), "native step": None}
     times: dict[str, list[float]] = {way: [] for way in ways}
     with torch.inference_mode():
         lengths, idx = cache.lengths.clone(), torch.randint(0, 50000, (rows, 1))
@@ -134,7 +141,10 @@ def attention_steps(model, rows: int, rounds: int = 12) -> dict[str, float]:
                 cache.attend = attend
                 cache.lengths.copy_(lengths)
                 t = time.perf_counter()
-                model.lm_head(model.hidden_states(idx, cache)[:, -1])
+                if way == "native step":
+                    decoder.step_slots(idx[:, 0].tolist(), slots, cache)
+                else:
+                    model.lm_head(model.hidden_states(idx, cache)[:, -1])
                 if r:
                     times[way].append(time.perf_counter() - t)
     return {way: round(1e3 * statistics.median(v), 1) for way, v in times.items()}

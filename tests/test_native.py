@@ -427,3 +427,41 @@ def test_slot_attention_refuses_a_length_past_the_cache():
         cache.attend(0, torch.randn(2, 3 * 66))
     assert torch.equal(cache.kv, before)  # nothing written
     assert slots_attention(KVCache(model.config, 1, 8, "cpu", torch.float32)) is None
+
+
+@pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
+def test_steps_of_many_slots_equal_each_sequence_alone(kind):
+    """One native step for 9 sequences of a slot cache, given out of slot order and at their
+    own lengths (9 rows: tiles of 4 x 4 inputs and a pass of one): each row's logits are its
+    sequence's alone, for 4 steps; the reference is a float32 model holding the weights."""
+    model = odd_model()
+    if kind != "float32":  # module.to converts in place
+        model = model.to(torch.bfloat16) if kind == "bfloat16" else quantize_for_decoding(model)
+    twin = float_twin(model) if kind != "float32" else model
+    order = [7, 0, 3, 9, 1, 5, 8, 2, 4]
+    lengths = {slot: 1 + (5 * slot) % 13 for slot in order}
+    seqs = {slot: torch.randint(0, 37, (1, 20)) for slot in order}
+    cache = KVCache.slots(model.config, 10, 40, "cpu", torch.float32)
+    fill_slots(twin, cache, seqs, lengths)
+    decoder = NativeDecoder(model)
+    with torch.inference_mode():
+        for step in range(4):
+            tokens = [int(seqs[s][0, lengths[s] + step]) for s in order]
+            logits = decoder.step_slots(tokens, order, cache)
+            for row, slot in enumerate(order):
+                ref = twin(seqs[slot][:, : lengths[slot] + step + 1])[0, -1]
+                assert torch.allclose(logits[row], ref, atol=3e-5, rtol=1e-5), (slot, step)
+    assert cache.lengths.tolist() == [lengths[s] + 4 if s in lengths else 0 for s in range(10)]
+
+
+def test_a_step_of_slots_refuses_what_is_out_of_range():
+    """A token past the vocabulary, a slot past the cache, a full slot, two rows on one slot:
+    an error naming them, and nothing written."""
+    model = odd_model()
+    cache = KVCache.slots(model.config, 3, 8, "cpu", torch.float32)
+    cache.lengths[2] = 8
+    decoder, before = NativeDecoder(model), cache.kv.clone()
+    for tokens, slots in [([37], [0]), ([1], [3]), ([1], [2]), ([1, 2], [1, 1]), ([-1], [0])]:
+        with torch.inference_mode(), pytest.raises(MiniGPT2Error, match="out of range"):
+            decoder.step_slots(tokens, slots, cache)
+    assert torch.equal(cache.kv, before) and cache.lengths.tolist() == [0, 0, 8]

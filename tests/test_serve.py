@@ -378,3 +378,24 @@ def test_a_port_in_use_is_one_line(model_dir, server):
     assert child.returncode == 2
     err = child.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: could not listen on"), err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's")
+def test_sigterm_caught_by_another_thread_still_ends_the_server(model_dir):
+    """The kernel may hand a process's SIGTERM to any of its threads; Python then runs the
+    handler only when the main thread next runs Python code. The idle engine's wait must
+    come back to let it (a server once slept through a SIGTERM that way)."""
+    import ctypes
+
+    proc, url = start_server(model_dir, "--max-batch", "1")
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            assert http.post("/v1/completions", json={"prompt": "a", "max_tokens": 4}).is_success
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        libc = ctypes.CDLL(None, use_errno=True)
+        tgkill = 234 if os.uname().machine == "x86_64" else 131  # the syscall's number
+        assert libc.syscall(tgkill, proc.pid, others[0], signal.SIGTERM) == 0
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -187,6 +187,25 @@ async def _read_body(request: Request, limit: int) -> dict:
     return parse_json(bytes(raw))
 
 
+class _KeyGate:
+    """Refuses /v1/ requests without the API key (401). Plain ASGI, not Starlette's
+    BaseHTTPMiddleware: that one passes every streamed chunk through a task and a memory
+    stream of its own (the HTTP side's CPU a streamed token, int8 gpt2 at one client, medians
+    of 3 alternated runs: 482 us with it, 339 without)."""
+
+    def __init__(self, app, key: str) -> None:
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                e = ApiError(401, "a wrong or missing API key", code="invalid_api_key")
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _sse(obj: dict | str) -> str:
     return f"data: {obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -210,14 +229,8 @@ def create_app(served: Served) -> FastAPI:
         headers = {"Retry-After": "1"} if e.status == 503 else None
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
-    @app.middleware("http")
-    async def key_check(request: Request, call_next):
-        if served.api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {served.api_key}".encode()):
-                e = ApiError(401, "a wrong or missing API key", code="invalid_api_key")
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    if served.api_key:
+        app.add_middleware(_KeyGate, key=served.api_key)
 
     @app.get("/health")
     async def health() -> dict:

@@ -4,8 +4,9 @@ sequence in one step; new sequences join between steps and finished ones leave a
 Each sequence has a slot of one KVCache.slots cache, at its own length. A joining sequence's
 prompt runs alone into its slot (as `minigpt2 sample` runs it); then a step feeds every live
 slot's last token through the model together, each row at its own position (products read
-the weights once for all rows). With one sequence running, the step is the native decoder's
-one-sequence step, as in `minigpt2 sample`. Every row keeps its own sampling knobs, random
+the weights once for all rows). With up to NATIVE_ROWS sequences running, the whole step runs
+in native.c (one row: the same step as `minigpt2 sample`'s). Every row keeps its own sampling
+knobs, random
 generator and token history, so a sequence gets the tokens it would get alone.
 """
 
@@ -32,6 +33,17 @@ from ..decode.native import slots_attention
 from ..errors import MiniGPT2Error
 from ..model.attention import KVCache
 from ..model.gpt import GPT
+
+# Seconds an idle engine sleeps at most. The kernel may hand SIGTERM to any thread of the
+# process; Python runs the handler only once the main thread runs Python code again, so a
+# wait without a timeout could sleep through it (tests/test_serve.py reproduces that).
+_SIGNAL_CHECK = 0.2
+# Rows up to which a step runs whole in native.c (NativeDecoder.step_slots); past them torch's
+# batch with oneDNN's packed products is faster. A gpt2 step in ms, native against torch
+# (`python benchmarks/bench_engine.py --skip-engine --rows 2,4,8,16 --dtype D`), float32 /
+# bfloat16 / int8: 2 rows 17.1 / 11.2 / 8.4 against 20.8 / 14.4 / 11.8, 4 rows 27.0 / 14.3 /
+# 12.1 against 29.4 / 18.5 / 19.1, 8 rows 33.2 / 27.0 / 21.1 against 31.8 / 20.1 / 21.2.
+NATIVE_ROWS = 4
 
 
 class QueueFull(MiniGPT2Error):
@@ -122,7 +134,7 @@ class Engine:
         self._wake = threading.Condition()
         self._closing = False
         self.load = Load(slots=slots)
-        self._native = None  # the engine thread's native decoder (one-row steps), or None
+        self._native = None  # the engine thread's native decoder (steps of a few rows), or None
         self.deliver, self._outbox = deliver, []
         self._thread = None
         if own_thread:  # else the caller runs run() in a thread of its choosing
@@ -157,7 +169,7 @@ class Engine:
             while True:
                 with self._wake:
                     while not self._pending and not self._live() and not self._closing:
-                        self._wake.wait()
+                        self._wake.wait(_SIGNAL_CHECK)
                     if self._closing:
                         break
                     joining = []
@@ -209,14 +221,12 @@ class Engine:
         self._advance(slot, logits)
 
     def _step(self) -> None:
-        """One token for every live row: the native step when one row runs, else a batch."""
+        """One token for every live row: the whole step in native.c for up to NATIVE_ROWS
+        rows, else a batch in torch (packed products, native.c's slot attention)."""
         live = self._live()
         last = [int(self.rows[i].seq[0, -1]) for i in live]
-        native = self._native if len(live) == 1 else None
-        if native is not None:
-            alone = self.cache.row(live[0])
-            logits = native.step(last[0], alone)[:, : self.vocab]
-            self.cache.lengths[live[0]] = alone.pos
+        if self._native is not None and len(live) <= NATIVE_ROWS:
+            logits = self._native.step_slots(last, live, self.cache)[:, : self.vocab]
         else:
             top = live[-1] + 1  # rows [0, top): holes between live rows run too, unread
             idx = torch.zeros(top, 1, dtype=torch.long, device=self.cache.kv.device)

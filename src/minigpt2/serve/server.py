@@ -70,7 +70,8 @@ def serve(config: uvicorn.Config, engine: Engine) -> None:
     try:
         http.start()
         engine.run()  # until stop(), or until the HTTP side ends
-        http.join()
+        while http.is_alive():  # with a timeout: a second Ctrl-C must still reach stop()
+            http.join(0.2)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -1,6 +1,6 @@
 """The native decoder (native.c, built by pip install where a C compiler is present): GPT-2's
-one-token step in one call, and matrix products with a few rows, on x86-64 CPUs with AVX-512
-or AVX2.
+one-token step in one call (for one sequence, or a few slots of a server's cache), and matrix
+products with a few rows, on x86-64 CPUs with AVX-512 or AVX2.
 
 Decoding in PyTorch spends a quarter of a gpt2 token outside the matrix-vector products
 (about 250 small operations, each dispatched from Python); the native step runs them all on
@@ -56,7 +56,7 @@ class _Model(ctypes.Structure):
         + [("head", _Linear), ("kv", c_void_p), ("work", c_void_p)]
         + [(name, c_int32) for name in ("n_layer", "n_head", "n_embd", "room", "threads")]
         + [("wte_type", c_int32), ("gelu_exact", c_int32), ("eps", c_float)]
-        + [("tok_scale", c_float)]
+        + [("tok_scale", c_float), ("work_floats", ctypes.c_int64)]
     )
 
 
@@ -78,8 +78,14 @@ def open_library(path: str) -> ctypes.CDLL | None:
     lib.mg2_use_level.restype = c_int
     lib.mg2_use_level.argtypes = [c_int]
     lib.mg2_work_floats.restype = ctypes.c_long
-    lib.mg2_work_floats.argtypes = [c_int, c_int, c_int]
+    lib.mg2_work_floats.argtypes = [c_int, c_int, c_int, c_int]
     lib.mg2_step.argtypes = [POINTER(_Model), c_int, c_int, c_void_p]
+    if hasattr(lib, "mg2_step_rows"):  # builds of earlier revisions lack it (benchmarks)
+        lib.mg2_step_rows.restype = c_int
+        rows = [POINTER(c_int32)] * 2  # tokens, slots
+        lib.mg2_step_rows.argtypes = [POINTER(_Model), c_int, *rows, c_void_p, c_int] + [
+            ctypes.c_long, c_int, c_void_p
+        ]  # fmt: skip
     lib.mg2_linear.argtypes = [POINTER(_Linear), c_void_p, c_void_p, c_int, c_int]
     if hasattr(lib, "mg2_attend_slots"):  # builds of earlier revisions lack it (benchmarks)
         lib.mg2_attend_slots.restype = c_int
@@ -246,9 +252,10 @@ def use_native_linears(model: GPT) -> bool:
 
 
 class NativeDecoder:
-    """GPT-2's one-token step for one sequence in native.c, reading the model's own weights
-    (float32, bfloat16, or int8 from quantize_for_decoding) in place; keys and values go into
-    the float32 KVCache that the PyTorch model fills for the prompt."""
+    """GPT-2's one-token step in native.c, for one sequence (step) or several slots of a slot
+    cache (step_slots), reading the model's own weights (float32, bfloat16, or int8 from
+    quantize_for_decoding) in place; keys and values go into the float32 KVCache that the
+    PyTorch model fills for the prompt."""
 
     def __init__(self, model: GPT) -> None:
         cfg, t = model.config, model.transformer
@@ -277,6 +284,8 @@ class NativeDecoder:
         self.model, self._blocks = m, blocks
         self.logits = torch.empty(1, head.rows)
         self._work = torch.empty(0)
+        self._rows_logits = torch.empty(0, head.rows)  # step_slots' logits
+        self._slot_cache: tuple = (None, None)  # step_slots' cache and its layout
         self._source = model
         self._pointers = self._weights_of(model)
 
@@ -330,15 +339,60 @@ class NativeDecoder:
                 f"native step: token {token} (vocabulary {self.model.head.rows}) at position "
                 f"{cache.pos} of a cache of {room} (the model has {self.block} positions)"
             )
-        threads = torch.get_num_threads()  # read each step: torch.set_num_threads may change it
-        if self.model.room != room or self.model.threads != threads:  # scratch: per position
-            self._work = torch.empty(_library().mg2_work_floats(self.model.n_embd, room, threads))
-            self.model.work, self.model.room, self.model.threads = (
-                self._work.data_ptr(),
-                room,
-                threads,
-            )
+        self._scratch(room, 1)
         self.model.kv = cache.kv.data_ptr()
         _library().mg2_step(ctypes.byref(self.model), token, cache.pos, self.logits.data_ptr())
         cache.pos += 1
         return self.logits
+
+    def _scratch(self, room: int, rows: int) -> None:
+        """Scratch for a step of rows rows over a cache of room positions on torch's threads
+        (read each step: torch.set_num_threads may change them); grown, never shrunk."""
+        threads, m = torch.get_num_threads(), self.model
+        need = _library().mg2_work_floats(m.n_embd, room, threads, rows)
+        if m.room != room or m.threads != threads or m.work_floats < need:
+            self._work = torch.empty(need)
+            m.work, m.room, m.threads, m.work_floats = self._work.data_ptr(), room, threads, need
+
+    def step_slots(self, tokens: list[int], slots: list[int], cache: KVCache) -> torch.Tensor:
+        """Logits (rows, vocab) after one new token for each of several sequences of a slot
+        cache (KVCache.slots): tokens[i] at slot slots[i]'s length, where its key and value
+        are stored; those lengths move on by one. A server's step of a few rows: all of it in
+        native.c, where PyTorch spent more time around a batch's products than in them. The
+        tensor is reused by the next step."""
+        if self._slot_cache[0] is not cache:
+            self._slot_cache = (cache, self._slot_layout(cache))
+        count, slot_floats, room = self._slot_cache[1]
+        m, rows = self.model, len(tokens)
+        self._scratch(room, rows)
+        if self._rows_logits.shape[0] < rows:
+            self._rows_logits = torch.empty(rows, m.head.rows)
+        ids, where = (c_int32 * rows)(*tokens), (c_int32 * rows)(*slots)
+        m.kv = cache.kv.data_ptr()  # the storage's start: slot 0 (_slot_layout)
+        status = _library().mg2_step_rows(
+            ctypes.byref(m), rows, ids, where, cache.lengths.data_ptr(), count, slot_floats,
+            self.block, self._rows_logits.data_ptr(),
+        ) if rows else -1  # fmt: skip
+        if status != 0:
+            raise MiniGPT2Error(
+                f"native step: tokens {tokens} at slots {slots}: one is out of range "
+                f"(vocabulary {m.head.rows}, {count} slots of {room} positions, lengths "
+                f"{cache.lengths.tolist()}, {self.block} positions in the model) or two rows "
+                "share a slot"
+            )
+        return self._rows_logits[:rows]
+
+    def _slot_layout(self, cache: KVCache) -> tuple[int, int, int]:
+        """(slots, floats a slot, room) of a slot cache this step can run on, or the error."""
+        m, kv = self.model, cache.kv
+        storage = kv.permute(2, 0, 1, 3, 4, 5)  # (slots, n_layer, 2, n_head, room, hd)
+        shape = (m.n_layer, 2, m.n_head, kv.shape[4], m.n_embd // m.n_head)
+        lengths = cache.lengths
+        fits = kv.dtype is torch.float32 and kv.is_cpu and lengths is not None
+        fits = fits and lengths.dtype is torch.int64 and lengths.is_contiguous()
+        if not (fits and storage.is_contiguous() and tuple(storage.shape[1:]) == shape):
+            raise MiniGPT2Error(
+                f"native step: a cache of shape {tuple(kv.shape)} ({kv.dtype}) is not this "
+                "model's float32 slot cache on the CPU"
+            )
+        return storage.shape[0], storage[0].numel(), shape[3]

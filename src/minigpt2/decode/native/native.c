@@ -1,4 +1,5 @@
-/* minigpt2's native decoder: GPT-2's one-token step on x86-64 CPUs with AVX-512 or AVX2.
+/* minigpt2's native decoder: GPT-2's one-token step on x86-64 CPUs with AVX-512 or AVX2, for
+   one sequence or for several at once, each in its own slot of a server's cache.
 
    Decoding one token reads every weight once, so it runs at the speed weights stream from
    memory; in PyTorch the ~250 small operations around the 49 matrix-vector products of a gpt2
@@ -35,9 +36,9 @@
 
 #include "native.h"
 
-/* Floats of scratch a model needs (native.h: scratch_layout). */
-long mg2_work_floats(int n_embd, int room, int threads) {
-    return scratch_layout(n_embd, room, threads, 0).floats;
+/* Floats of scratch a step of `rows` rows needs (native.h: scratch_layout). */
+long mg2_work_floats(int n_embd, int room, int threads, int rows) {
+    return scratch_layout(n_embd, room, threads, rows, 0).floats;
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -156,13 +157,12 @@ static int use_avx512(void) {
     return level == 2;
 }
 
-/* Logits (head rows) after `token` at position `pos`, whose key and value go into the cache
-   at pos; positions before it must be there already. */
-void mg2_step(const Model *model, int token, int pos, float *logits) {
+static void run_step(const Model *model, int rows, const int32_t *tokens, const int32_t *slots,
+                     const int64_t *lengths, long slot_floats, float *logits) {
     Barrier sync = {0, 0, 0};
     int taken[2 * model->threads * APART];  /* native.h: CHUNK, counters */
     for (int i = 0; i < 2 * model->threads * APART; i++) taken[i] = 0;
-    const Step step = {model, token, pos, logits, &sync, taken};
+    const Step step = {model, rows, tokens, slots, lengths, slot_floats, logits, &sync, taken};
     const int avx512 = use_avx512();
 #pragma omp parallel num_threads(model->threads)
     {
@@ -171,6 +171,37 @@ void mg2_step(const Model *model, int token, int pos, float *logits) {
         if (avx512) step_task_avx512(&step, tid, threads);
         else step_task_avx2(&step, tid, threads);
     }
+}
+
+/* Logits (head rows) after `token` at position `pos`, whose key and value go into the cache
+   (one slot) at pos; positions before it must be there already. native.py checks the
+   arguments. */
+void mg2_step(const Model *model, int token, int pos, float *logits) {
+    const int32_t t = token, slot = 0;
+    const int64_t length = pos;
+    run_step(model, 1, &t, &slot, &length, 0, logits);
+}
+
+/* Logits (rows, head rows) for `rows` sequences of a slot cache of slot_count slots
+   (lengths: each slot's), one new token each: row i's token goes to position lengths[s] of
+   slot s = slots[i], whose length then moves on by one. -1, doing nothing, where a token,
+   slot or position is out of range (the cache's room, the model's block positions), two
+   rows share a slot, or Model.work is too small for the rows; 0 otherwise. */
+int mg2_step_rows(const Model *model, int rows, const int32_t *tokens, const int32_t *slots,
+                  int64_t *lengths, int slot_count, long slot_floats, int block, float *logits) {
+    const Scratch need = scratch_layout(model->n_embd, model->room, model->threads, rows, 0);
+    if (rows < 1 || need.floats > model->work_floats) return -1;
+    for (int i = 0; i < rows; i++) {
+        if (tokens[i] < 0 || tokens[i] >= model->head.rows) return -1;
+        if (slots[i] < 0 || slots[i] >= slot_count) return -1;
+        const int64_t pos = lengths[slots[i]];
+        if (pos < 0 || pos >= model->room || pos >= block) return -1;
+        for (int j = 0; j < i; j++)
+            if (slots[j] == slots[i]) return -1;
+    }
+    run_step(model, rows, tokens, slots, lengths, slot_floats, logits);
+    for (int i = 0; i < rows; i++) lengths[slots[i]] += 1;
+    return 0;
 }
 
 /* y (seqs, rows) = x (seqs, cols) W^T + b, on `threads` threads. */
@@ -214,6 +245,9 @@ int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_em
 int mg2_supported(void) { return 0; }
 int mg2_use_level(int wanted) { return 0; }
 void mg2_step(const Model *model, int token, int pos, float *logits) {}
+int mg2_step_rows(const Model *model, int rows, const int32_t *tokens, const int32_t *slots,
+                  int64_t *lengths, int slot_count, long slot_floats, int block,
+                  float *logits) { return -1; }
 void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {}
 int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_embd, int layer,
                      const int64_t *lengths, int rows, const float *qkv, float *out,

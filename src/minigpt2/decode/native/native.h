@@ -25,8 +25,9 @@ typedef struct {
     Linear attn, attn_proj, fc, fc_proj;
 } Block;
 
-/* A model as native.py describes it; the cache is KVCache.kv for one sequence:
-   (n_layer, 2, n_head, room, head_dim) float32. */
+/* A model as native.py describes it. The cache is a slot cache (KVCache.slots), slot_count
+   slots of slot_floats floats from kv, each (n_layer, 2, n_head, room, head_dim) float32; a
+   one-sequence cache is one slot. */
 typedef struct {
     const Block *blocks;
     const void *wte;         /* token table (vocab, n_embd), float32 or bfloat16 */
@@ -34,9 +35,10 @@ typedef struct {
     const float *lnf_w, *lnf_b;
     Linear head;             /* (vocab, n_embd) */
     float *kv;
-    float *work;             /* mg2_work_floats() floats of scratch */
+    float *work;             /* work_floats floats of scratch (mg2_work_floats) */
     int32_t n_layer, n_head, n_embd, room, threads, wte_type, gelu_exact;
     float eps, tok_scale;
+    int64_t work_floats;
 } Model;
 
 enum { STORE = 0, ADD = 1, GELU = 2 };  /* what a product does with its rows: y =, y +=, GELU */
@@ -50,23 +52,27 @@ typedef struct {
 
 typedef struct { /* one decode step's arguments, read by every thread */
     const Model *model;
-    int token, pos;
-    float *logits;
+    int rows;                  /* sequences stepped together, one token each */
+    const int32_t *tokens;     /* each row's token */
+    const int32_t *slots;      /* each row's slot of the cache */
+    const int64_t *lengths;    /* each slot's length: where its row's token sits */
+    long slot_floats;          /* floats from one slot to the next */
+    float *logits;             /* (rows, vocab) */
     Barrier *sync;
     int *taken;  /* two sets of counters (native_kernels.h: counters), threads * APART each */
 } Step;
 
-/* The scratch of a step (Model.work), laid out once here for mg2_work_floats and the step,
-   as offsets in floats: the residual stream x, one LayerNorm output per thread, q/k/v, the
-   attention output, the MLP's hidden layer, and one row of attention scores (a cache's room)
-   per thread. */
+/* The scratch of a step of `rows` rows (Model.work), laid out once here for mg2_work_floats
+   and the step, as offsets in floats: the residual stream x, one LayerNorm output per thread,
+   q/k/v, the attention output, the MLP's hidden layer (each rows deep), and one row of
+   attention scores (a cache's room) per thread. */
 typedef struct {
     long x, normed, qkv, attended, hidden, scores;  /* thread tid's normed and scores */
     long floats;                                     /* the whole layout's size */
 } Scratch;
 
-static inline Scratch scratch_layout(int n_embd, int room, int threads, int tid) {
-    const long E = n_embd;
+static inline Scratch scratch_layout(int n_embd, int room, int threads, int rows, int tid) {
+    const long E = (long)n_embd * rows;  /* floats of one activation across the rows */
     Scratch s;
     s.x = 0;
     s.normed = E * (1 + tid);

@@ -261,49 +261,67 @@ static void F(attend_slots)(float *kv, long slot_floats, int room, int n_head, i
     }
 }
 
-/* One thread's part of a decode step (thread tid of `threads`); five meetings per block. */
+/* x (E floats) = the token's embedding at pos (scaled: Model.tok_scale) plus the position's. */
+static void F(embed)(const Model *m, int token, int pos, float *x) {
+    const int E = m->n_embd;
+    for (int k = 0; k < E; k += VW) {
+        const int c = E - k < VW ? E - k : VW;
+        const size_t row = (size_t)token * E + k;
+        const V t = c == VW ? F(widen)(m->wte, m->wte_type, row)
+                            : F(widenn)(m->wte, m->wte_type, row, c);
+        const V e = t * m->tok_scale + F(vget)(m->wpe + (size_t)pos * E, k, E);
+        c == VW ? F(vstore)(x + k, e) : F(vstoren)(x + k, e, c);
+    }
+}
+
+/* Each of the step's rows' LayerNorm (rows of E floats) from x into out. */
+static void F(norm_rows)(const Step *step, const float *x, const float *w, const float *b,
+                         float *out) {
+    const int E = step->model->n_embd;
+    for (int i = 0; i < step->rows; i++)
+        F(layer_norm)(x + (size_t)i * E, w, b, step->model->eps, E, out + (size_t)i * E);
+}
+
+/* One thread's part of a decode step of step->rows rows, each at its own position of its
+   own slot (thread tid of `threads`); five meetings per block, whatever the rows. */
 static void F(step_task)(const Step *step, int tid, int threads) {
     const Model *m = step->model;
-    const int E = m->n_embd, exact = m->gelu_exact;
-    const Scratch at = scratch_layout(E, m->room, threads, tid);
+    const int E = m->n_embd, exact = m->gelu_exact, R = step->rows;
+    const Scratch at = scratch_layout(E, m->room, threads, R, tid);
     float *x = m->work + at.x, *normed = m->work + at.normed, *qkv = m->work + at.qkv;
     float *attended = m->work + at.attended, *hidden = m->work + at.hidden;
     float *scores = m->work + at.scores;
-    if (tid == 0)
-        for (int k = 0; k < E; k += VW) {
-            const int c = E - k < VW ? E - k : VW;
-            const size_t row = (size_t)step->token * E + k;
-            const V t = c == VW ? F(widen)(m->wte, m->wte_type, row)
-                                : F(widenn)(m->wte, m->wte_type, row, c);
-            const V e = t * m->tok_scale + F(vget)(m->wpe + (size_t)step->pos * E, k, E);
-            c == VW ? F(vstore)(x + k, e) : F(vstoren)(x + k, e, c);
-        }
+    for (int i = tid; i < R; i += threads)
+        F(embed)(m, step->tokens[i], (int)step->lengths[step->slots[i]], x + (size_t)i * E);
     meet(step->sync, threads);
     int product = 0;  /* the step's products in turn, counters of two sets by turns */
     for (int l = 0; l < m->n_layer; l++) {
         const Block *b = &m->blocks[l];
-        F(layer_norm)(x, b->ln1_w, b->ln1_b, m->eps, E, normed);
+        F(norm_rows)(step, x, b->ln1_w, b->ln1_b, normed);  /* each thread its own copy */
         int *taken = counters(step, product++, tid);
-        F(linear_part)(&b->attn, normed, qkv, 1, tid, threads, taken, STORE, exact);
+        F(linear_part)(&b->attn, normed, qkv, R, tid, threads, taken, STORE, exact);
         meet(step->sync, threads);
-        for (int head = tid; head < m->n_head; head += threads)
-            F(attend_head)(m->kv, m->room, m->n_head, E, l, head, step->pos, qkv, scores,
-                           attended);
-        meet(step->sync, threads);
-        taken = counters(step, product++, tid);
-        F(linear_part)(&b->attn_proj, attended, x, 1, tid, threads, taken, ADD, exact);
-        meet(step->sync, threads);
-        F(layer_norm)(x, b->ln2_w, b->ln2_b, m->eps, E, normed);
-        taken = counters(step, product++, tid);
-        F(linear_part)(&b->fc, normed, hidden, 1, tid, threads, taken, GELU, exact);
+        for (int t = tid; t < R * m->n_head; t += threads) {
+            const int i = t / m->n_head;
+            F(attend_head)(m->kv + (size_t)step->slots[i] * step->slot_floats, m->room,
+                           m->n_head, E, l, t % m->n_head, (int)step->lengths[step->slots[i]],
+                           qkv + (size_t)i * 3 * E, scores, attended + (size_t)i * E);
+        }
         meet(step->sync, threads);
         taken = counters(step, product++, tid);
-        F(linear_part)(&b->fc_proj, hidden, x, 1, tid, threads, taken, ADD, exact);
+        F(linear_part)(&b->attn_proj, attended, x, R, tid, threads, taken, ADD, exact);
+        meet(step->sync, threads);
+        F(norm_rows)(step, x, b->ln2_w, b->ln2_b, normed);
+        taken = counters(step, product++, tid);
+        F(linear_part)(&b->fc, normed, hidden, R, tid, threads, taken, GELU, exact);
+        meet(step->sync, threads);
+        taken = counters(step, product++, tid);
+        F(linear_part)(&b->fc_proj, hidden, x, R, tid, threads, taken, ADD, exact);
         meet(step->sync, threads);
     }
-    F(layer_norm)(x, m->lnf_w, m->lnf_b, m->eps, E, normed);
+    F(norm_rows)(step, x, m->lnf_w, m->lnf_b, normed);
     int *taken = counters(step, product, tid);
-    F(linear_part)(&m->head, normed, step->logits, 1, tid, threads, taken, STORE, exact);
+    F(linear_part)(&m->head, normed, step->logits, R, tid, threads, taken, STORE, exact);
 }
 
 #undef V
