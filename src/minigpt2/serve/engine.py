@@ -234,17 +234,21 @@ class Engine:
             hidden = self.model.hidden_states(idx, self.cache)[live, -1]
             logits = self.model.lm_head(hidden)[:, : self.vocab]
         self.load.steps += 1
+        best = logits.argmax(-1).tolist()  # greedy rows' picks in one operation, not one a row
         for k, slot in enumerate(live):
-            self._advance(slot, logits[k : k + 1])
+            self._advance(slot, logits[k : k + 1], best[k])
 
-    def _advance(self, slot: int, logits: torch.Tensor) -> None:
-        """Pick slot's next token from its logits (1, vocab), emit it, and end the row when
-        it is done: end-of-text (stop), max_new_tokens (length) or the context's end."""
+    def _advance(self, slot: int, logits: torch.Tensor, best: int | None = None) -> None:
+        """Pick slot's next token from its logits (1, vocab) (best: their argmax, where
+        known), emit it, and end the row when it is done: end-of-text (stop), max_new_tokens
+        (length) or the context's end."""
         row = self.rows[slot]
         cfg = row.job.cfg
-        token = pick_tokens(process_logits(logits, cfg, row.seq), cfg, [row.generator])
-        t = int(token[0])
-        row.seq = torch.cat([row.seq, token[:, None]], dim=1)
+        if best is not None and cfg.is_greedy and cfg.repetition_penalty == 1.0:
+            t = best  # what process_logits and pick_tokens give a greedy row
+        else:
+            t = int(pick_tokens(process_logits(logits, cfg, row.seq), cfg, [row.generator])[0])
+        row.seq = torch.cat([row.seq, torch.tensor([[t]], device=row.seq.device)], dim=1)
         row.made += 1
         if cfg.stop_at_eot and t == cfg.eot_id:
             self._leave(slot, "stop")
