@@ -107,9 +107,11 @@ static inline void share(int rows, int tid, int threads, int *begin, int *end) {
    stream from memory per thread, which read faster than several rows side by side, and enough
    independent sums to hide the FMA's latency (BENCHMARKS.md, "What the native decoder is"). */
 #define UNROLL 4
-/* With each line of weights read, the line AHEAD bytes on is prefetched: the hardware's
-   stream prefetchers stop at every 4 KiB page, so a page ahead keeps the stream going across
-   page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). */
+/* With each line of bfloat16 or int8 weights read, the line AHEAD bytes on is prefetched: the
+   hardware's stream prefetchers stop at every 4 KiB page, so a page ahead keeps the stream
+   going across page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). Not float32:
+   there the prefetches cost more than they gave (a gpt2 step 1.04-1.20x faster without them,
+   `bench_native_builds.py --rows 1 --dtypes float32`, four runs). */
 #define AHEAD 4096
 
 /* The counters of a step's product (a meeting between each and the next): two sets by turns,

@@ -44,8 +44,8 @@ static void F(gelu)(float *values, int count, int exact) {
 }
 
 /* Dot product of one weight row (float32, bfloat16 or int8, unscaled; `cols` of them) with
-   input, in UNROLL sums (bfloat16 in pairs), prefetching AHEAD bytes on; the last columns one
-   vector at a time, widened in order.
+   input, in UNROLL sums (bfloat16 in pairs), prefetching AHEAD bytes on (not float32); the
+   last columns one vector at a time, widened in order.
    The loops over sums here and in tile() are unrolled by pragma, and rows_times is inlined:
    left to GCC 12, the arrays of sums lived on the stack, zeroed by `rep stos` for every row
    (whose vector loads then waited on those stores), and each row was a call; so built, a gpt2
@@ -62,7 +62,7 @@ __attribute__((always_inline)) static inline float F(dot_row)(const void *row, i
 #pragma GCC unroll 8
         for (int u = 0; u < UNROLL; u++) {
             const size_t at = (size_t)k + (size_t)step * u;
-            if (type != INT8 || u % 4 == 0)  /* a line a prefetch */
+            if (type == BF16 || (type == INT8 && u % 4 == 0))  /* a line a prefetch */
                 __builtin_prefetch((const char *)row + at * bytes + AHEAD);
             if (type == BF16) F(bf16_pair)((const uint16_t *)row + at, input + at, acc + 2 * u);
             else acc[u] = F(vfma)(F(widen)(row, type, at), F(vload)(input + at), acc[u]);
