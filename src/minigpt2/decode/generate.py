@@ -48,6 +48,12 @@ class SamplingConfig:
         """Argmax decoding, asked for directly or by temperature 0."""
         return self.greedy or self.temperature == 0
 
+    @property
+    def picks_argmax(self) -> bool:
+        """Whether the next token is the raw logits' argmax: greedy, and no repetition
+        penalty to change them first (process_logits)."""
+        return self.is_greedy and self.repetition_penalty == 1.0
+
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig, seen: torch.Tensor | None = None):
     """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits, in that order

@@ -6,8 +6,7 @@ prompt runs alone into its slot (as `minigpt2 sample` runs it); then a step feed
 slot's last token through the model together, each row at its own position (products read
 the weights once for all rows). With up to NATIVE_ROWS sequences running, the whole step runs
 in native.c (one row: the same step as `minigpt2 sample`'s). Every row keeps its own sampling
-knobs, random
-generator and token history, so a sequence gets the tokens it would get alone.
+knobs, random generator and token history, so a sequence gets the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from ..model.gpt import GPT
 # Seconds an idle engine sleeps at most. The kernel may hand SIGTERM to any thread of the
 # process; Python runs the handler only once the main thread runs Python code again, so a
 # wait without a timeout could sleep through it (tests/test_serve.py reproduces that).
-_SIGNAL_CHECK = 0.2
+SIGNAL_CHECK = 0.2
 # Rows up to which a step runs whole in native.c (NativeDecoder.step_slots); past them torch's
 # batch with oneDNN's packed products is faster. A gpt2 step in ms, native against torch
 # (`python benchmarks/bench_engine.py --skip-engine --rows 2,4,8,16 --dtype D`), float32 /
@@ -169,7 +168,7 @@ class Engine:
             while True:
                 with self._wake:
                     while not self._pending and not self._live() and not self._closing:
-                        self._wake.wait(_SIGNAL_CHECK)
+                        self._wake.wait(SIGNAL_CHECK)
                     if self._closing:
                         break
                     joining = []
@@ -234,7 +233,9 @@ class Engine:
             hidden = self.model.hidden_states(idx, self.cache)[live, -1]
             logits = self.model.lm_head(hidden)[:, : self.vocab]
         self.load.steps += 1
-        best = logits.argmax(-1).tolist()  # greedy rows' picks in one operation, not one a row
+        best = [None] * len(live)  # greedy rows' picks in one operation, not one a row
+        if any(self.rows[slot].job.cfg.picks_argmax for slot in live):
+            best = logits.argmax(-1).tolist()
         for k, slot in enumerate(live):
             self._advance(slot, logits[k : k + 1], best[k])
 
@@ -244,8 +245,8 @@ class Engine:
         (length) or the context's end."""
         row = self.rows[slot]
         cfg = row.job.cfg
-        if best is not None and cfg.is_greedy and cfg.repetition_penalty == 1.0:
-            t = best  # what process_logits and pick_tokens give a greedy row
+        if best is not None and cfg.picks_argmax:
+            t = best
         else:
             t = int(pick_tokens(process_logits(logits, cfg, row.seq), cfg, [row.generator])[0])
         row.seq = torch.cat([row.seq, torch.tensor([[t]], device=row.seq.device)], dim=1)

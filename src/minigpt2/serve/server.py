@@ -10,7 +10,7 @@ import threading
 import uvicorn
 
 from ..errors import MiniGPT2Error
-from .engine import Engine
+from .engine import SIGNAL_CHECK, Engine
 
 
 class Server(uvicorn.Server):
@@ -71,7 +71,7 @@ def serve(config: uvicorn.Config, engine: Engine) -> None:
         http.start()
         engine.run()  # until stop(), or until the HTTP side ends
         while http.is_alive():  # with a timeout: a second Ctrl-C must still reach stop()
-            http.join(0.2)
+            http.join(SIGNAL_CHECK)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -231,11 +231,11 @@ int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_em
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
         float *scores = scratch + (size_t)tid * room;
         if (avx512)
-            attend_slots_avx512(kv, slot_floats, room, n_head, n_embd, layer, lengths, rows, qkv,
-                                out, scores, tid, team);
+            attend_slots_avx512(kv, slot_floats, room, n_head, n_embd, layer, NULL, lengths,
+                                rows, qkv, out, scores, tid, team);
         else
-            attend_slots_avx2(kv, slot_floats, room, n_head, n_embd, layer, lengths, rows, qkv,
-                              out, scores, tid, team);
+            attend_slots_avx2(kv, slot_floats, room, n_head, n_embd, layer, NULL, lengths,
+                              rows, qkv, out, scores, tid, team);
     }
     return 0;
 }

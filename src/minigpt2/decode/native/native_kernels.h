@@ -249,14 +249,15 @@ static void F(attend_head)(float *kv, int room, int n_head, int E, int layer, in
 }
 
 /* Thread tid's part (of `threads`) of one layer's attention for `rows` one-token queries,
-   each over its own slot of a slot cache (KVCache.slots: slot i's cache at kv + i *
-   slot_floats, laid out as Model's) at position lengths[i]; qkv (rows, 3 E), out (rows, E). */
+   each over its own slot of a slot cache (KVCache.slots: slot s's cache at kv + s *
+   slot_floats, laid out as Model's): row i's slot is slots[i] (slots NULL: slot i), its
+   query at position lengths[slot]; qkv (rows, 3 E), out (rows, E). */
 static void F(attend_slots)(float *kv, long slot_floats, int room, int n_head, int E, int layer,
-                            const int64_t *lengths, int rows, const float *qkv, float *out,
-                            float *scores, int tid, int threads) {
+                            const int32_t *slots, const int64_t *lengths, int rows,
+                            const float *qkv, float *out, float *scores, int tid, int threads) {
     for (int t = tid; t < rows * n_head; t += threads) {
-        const int i = t / n_head, head = t % n_head;
-        F(attend_head)(kv + i * slot_floats, room, n_head, E, layer, head, (int)lengths[i],
+        const int i = t / n_head, head = t % n_head, slot = slots ? slots[i] : i;
+        F(attend_head)(kv + slot * slot_floats, room, n_head, E, layer, head, (int)lengths[slot],
                        qkv + (size_t)i * 3 * E, scores, out + (size_t)i * E);
     }
 }
@@ -301,12 +302,8 @@ static void F(step_task)(const Step *step, int tid, int threads) {
         int *taken = counters(step, product++, tid);
         F(linear_part)(&b->attn, normed, qkv, R, tid, threads, taken, STORE, exact);
         meet(step->sync, threads);
-        for (int t = tid; t < R * m->n_head; t += threads) {
-            const int i = t / m->n_head;
-            F(attend_head)(m->kv + (size_t)step->slots[i] * step->slot_floats, m->room,
-                           m->n_head, E, l, t % m->n_head, (int)step->lengths[step->slots[i]],
-                           qkv + (size_t)i * 3 * E, scores, attended + (size_t)i * E);
-        }
+        F(attend_slots)(m->kv, step->slot_floats, m->room, m->n_head, E, l, step->slots,
+                        step->lengths, R, qkv, attended, scores, tid, threads);
         meet(step->sync, threads);
         taken = counters(step, product++, tid);
         F(linear_part)(&b->attn_proj, attended, x, R, tid, threads, taken, ADD, exact);
