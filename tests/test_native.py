@@ -31,11 +31,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=["avx512", "avx2"], autouse=True)
+@pytest.fixture(params=["avx512bf16", "avx512", "avx2"], autouse=True)
 def isa(request):
     """Every test in each instruction set this CPU has (AVX2's kernels run on AVX-512 CPUs)."""
     if request.param not in instruction_sets():
-        pytest.skip("this CPU has no AVX-512")
+        pytest.skip(f"this CPU has no {request.param}, or the build has no kernels for it")
     yield instruction_set(request.param)
     instruction_set(None)
 

@@ -107,7 +107,7 @@ def _versions(*tensors: torch.Tensor | None) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors if t is not None)
 
 
-_LEVELS = {"avx2": 1, "avx512": 2}  # native.c's levels
+_LEVELS = {"avx2": 1, "avx512": 2, "avx512bf16": 3}  # native.c's levels
 
 
 def instruction_sets() -> list[str]:
@@ -118,8 +118,9 @@ def instruction_sets() -> list[str]:
 
 
 def instruction_set(wanted: str | None = None) -> str:
-    """Run the native kernels in `wanted` ("avx512" or "avx2", at most the CPU's best; to test
-    or measure one), or in the CPU's best (None); returns the set in effect. Process-wide."""
+    """Run the native kernels in `wanted` ("avx512bf16", "avx512" or "avx2", at most the CPU's
+    best; to test or measure one), or in the CPU's best (None); returns the set in effect.
+    Process-wide."""
     lib = _library()
     if lib is None:
         raise MiniGPT2Error("the native decoder is not built, or this CPU has neither set")

@@ -24,11 +24,12 @@
    Plain C: this file (what native.py calls through ctypes, and the choice of instruction
    set), native_kernels.h (the kernels and the step, written once over a few vector
    operations), native_simd.h (those operations in AVX-512 and in AVX2 intrinsics) and native.h
-   (the structs). The kernels are compiled twice, for AVX-512 and AVX2, and the CPU picks one
-   when the library is first used. No Python or torch headers. Weights
-   are float32, bfloat16 or int8 with one float32 scale per output row; activations are
-   float32 throughout. Built by `pip install` where a C compiler is present; where it is not,
-   or the CPU has neither set, mg2_supported() says 0 and minigpt2 decodes in PyTorch. */
+   (the structs). The kernels are compiled three times, for AVX-512 with AVX512_BF16's dot
+   products, AVX-512 and AVX2, and the CPU picks one when the library is first used. No Python
+   or torch headers. Weights are float32, bfloat16 or int8 with one float32 scale per output
+   row; activations are float32 throughout. Built by `pip install` where a C compiler is
+   present; where it is not, or the CPU has none of the sets, mg2_supported() says 0 and
+   minigpt2 decodes in PyTorch. */
 
 #define _GNU_SOURCE /* syscall() and clock_gettime() under -std=c11 */
 
@@ -106,25 +107,65 @@ static void meet(Barrier *b, int threads) {
     }
 }
 
+/* AVX512_BF16's intrinsics came in GCC 10 and clang 9; __builtin_cpu_supports knows the
+   flag from GCC 11. Older compilers build the other two sets. */
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 11
+#define BF16_SET 1
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma,avx512bf16")
+#define VW 16
+#define DPBF16 1
+#define SUFFIX avx512bf16
+#include "native_kernels.h"
+#undef VW
+#undef DPBF16
+#undef SUFFIX
+#pragma GCC pop_options
+#else
+#define BF16_SET 0
+#endif
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,fma")
 #define VW 16
+#define DPBF16 0
 #define SUFFIX avx512
 #include "native_kernels.h"
 #undef VW
+#undef DPBF16
 #undef SUFFIX
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define VW 8
+#define DPBF16 0
 #define SUFFIX avx2
 #include "native_kernels.h"
 #undef VW
+#undef DPBF16
 #undef SUFFIX
 #pragma GCC pop_options
 
-static int best = -1;  /* what the CPU runs: 2 AVX-512, 1 AVX2, 0 neither; unset until asked */
+/* Each set's entry points, by level: 1 AVX2, 2 AVX-512, 3 AVX-512 with AVX512_BF16. */
+typedef struct {
+    void (*step_task)(const Step *step, int tid, int threads);
+    void (*linear_part)(const Linear *layer, const float *input, float *output, int seqs,
+                        int tid, int threads, int *taken, int mode, int exact);
+    void (*attend_slots)(float *kv, long slot_floats, int room, int n_head, int E, int layer,
+                         const int32_t *slots, const int64_t *lengths, int rows,
+                         const float *qkv, float *out, float *scores, int tid, int threads);
+} Kernels;
+
+#define KERNELS(set) {step_task_##set, linear_part_##set, attend_slots_##set}
+static const Kernels sets[] = {
+    {NULL, NULL, NULL}, KERNELS(avx2), KERNELS(avx512),
+#if BF16_SET
+    KERNELS(avx512bf16),
+#endif
+};
+
+static int best = -1;  /* the most the CPU runs (levels as sets[]; 0 none); unset until asked */
 static int level = -1; /* the set the kernels run in */
 
 /* AVX-512 here means F, BW, DQ and VL, all that its kernels are compiled for. (On an AMD EPYC
@@ -135,10 +176,16 @@ static void detect(void) {
         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
         && __builtin_cpu_supports("fma");
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    best = level = avx512 ? 2 : avx2 ? 1 : 0;
+#if BF16_SET
+    const int bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
+#else
+    const int bf16 = 0;
+#endif
+    best = level = bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
 }
 
-/* The most this CPU runs: 2 (AVX-512), 1 (AVX2 and FMA) or 0 (neither: decode in PyTorch). */
+/* The most this CPU runs: 3 (AVX-512 with AVX512_BF16), 2 (AVX-512), 1 (AVX2 and FMA) or 0
+   (none: decode in PyTorch). */
 int mg2_supported(void) {
     if (best < 0) detect();
     return best;
@@ -152,9 +199,9 @@ int mg2_use_level(int wanted) {
     return level;
 }
 
-static int use_avx512(void) {
+static const Kernels *kernels(void) {
     if (best < 0) detect();
-    return level == 2;
+    return &sets[level];
 }
 
 static void run_step(const Model *model, int rows, const int32_t *tokens, const int32_t *slots,
@@ -163,13 +210,11 @@ static void run_step(const Model *model, int rows, const int32_t *tokens, const 
     int taken[2 * model->threads * APART];  /* native.h: CHUNK, counters */
     for (int i = 0; i < 2 * model->threads * APART; i++) taken[i] = 0;
     const Step step = {model, rows, tokens, slots, lengths, slot_floats, logits, &sync, taken};
-    const int avx512 = use_avx512();
+    const Kernels *set = kernels();
 #pragma omp parallel num_threads(model->threads)
     {
         /* OpenMP may give fewer threads than asked: the scratch is laid out for the most */
-        const int tid = omp_get_thread_num(), threads = omp_get_num_threads();
-        if (avx512) step_task_avx512(&step, tid, threads);
-        else step_task_avx2(&step, tid, threads);
+        set->step_task(&step, omp_get_thread_num(), omp_get_num_threads());
     }
 }
 
@@ -206,14 +251,13 @@ int mg2_step_rows(const Model *model, int rows, const int32_t *tokens, const int
 
 /* y (seqs, rows) = x (seqs, cols) W^T + b, on `threads` threads. */
 void mg2_linear(const Linear *layer, const float *input, float *output, int seqs, int threads) {
-    const int avx512 = use_avx512();
+    const Kernels *set = kernels();
     int taken[threads * APART];
     for (int i = 0; i < threads * APART; i++) taken[i] = 0;
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        if (avx512) linear_part_avx512(layer, input, output, seqs, tid, team, taken, STORE, 0);
-        else linear_part_avx2(layer, input, output, seqs, tid, team, taken, STORE, 0);
+        set->linear_part(layer, input, output, seqs, tid, team, taken, STORE, 0);
     }
 }
 
@@ -225,17 +269,12 @@ int mg2_attend_slots(float *kv, long slot_floats, int room, int n_head, int n_em
                      float *scratch, int threads) {
     for (int i = 0; i < rows; i++)
         if (lengths[i] < 0 || lengths[i] >= room) return -1;
-    const int avx512 = use_avx512();
+    const Kernels *set = kernels();
 #pragma omp parallel num_threads(threads)
     {
         const int tid = omp_get_thread_num(), team = omp_get_num_threads();
-        float *scores = scratch + (size_t)tid * room;
-        if (avx512)
-            attend_slots_avx512(kv, slot_floats, room, n_head, n_embd, layer, NULL, lengths,
-                                rows, qkv, out, scores, tid, team);
-        else
-            attend_slots_avx2(kv, slot_floats, room, n_head, n_embd, layer, NULL, lengths,
-                              rows, qkv, out, scores, tid, team);
+        set->attend_slots(kv, slot_floats, room, n_head, n_embd, layer, NULL, lengths, rows,
+                          qkv, out, scratch + (size_t)tid * room, tid, team);
     }
     return 0;
 }

@@ -114,6 +114,11 @@ static inline void share(int rows, int tid, int threads, int *begin, int *end) {
    `bench_native_builds.py --rows 1 --dtypes float32`, four runs). */
 #define AHEAD 4096
 
+/* The widest input split3 splits (native_simd.h): its parts take 6 bytes a column of a
+   thread's stack, 96 KiB here; wider products of bfloat16 weights take bf16_pair's path.
+   GPT-2's widest is 6400 (gpt2-xl's MLP). */
+#define SPLIT_COLS 16384
+
 /* The counters of a step's product (a meeting between each and the next): two sets by turns,
    thread 0 zeroing the other set while the product runs. All threads are past the product
    before last (a meeting since) and none starts the next before the meeting after this one,

@@ -118,15 +118,21 @@ __attribute__((always_inline)) static inline void F(tile)(const char *rows, size
 
 /* Rows first..first+count (count = 1 or 4) of the layer's weights times seqs <= 4 inputs
    (seqs, cols), scaled (int8), into out[i * seqs + j]; each case a constant tile, whose sums
-   stay in registers. */
+   stay in registers. parts: the one input as split3 made it (bfloat16 weights, DPBF16
+   builds), or NULL. */
 __attribute__((always_inline)) static inline void F(rows_times)(const Linear *layer, int first,
                                                                int count, const float *inputs,
-                                                               int seqs, float *out) {
+                                                               const void *parts, int seqs,
+                                                               float *out) {
     const int cols = layer->cols, type = layer->type;
     const size_t row_bytes = (size_t)cols * (type == F32 ? 4 : type == BF16 ? 2 : 1);
     const char *rows = (const char *)layer->w + first * row_bytes;
     if (count == 1 && seqs == 1) {  /* a constant type in each: the compiler drops the others */
         if (type == F32) out[0] = F(dot_row)(rows, F32, inputs, cols);
+#if DPBF16
+        else if (type == BF16 && parts)
+            out[0] = F(dot_parts)((const uint16_t *)rows, (const P *)parts, cols);
+#endif
         else if (type == BF16) out[0] = F(dot_row)(rows, BF16, inputs, cols);
         else out[0] = F(dot_row)(rows, INT8, inputs, cols);
     } else if (count == 1 && seqs == 2) F(tile)(rows, row_bytes, type, inputs, cols, 1, 2, out);
@@ -145,8 +151,8 @@ __attribute__((always_inline)) static inline void F(rows_times)(const Linear *la
    (seqs, rows), 16 rows at a time. Up to 4 inputs a pass, a row at a time (one stream from
    memory); from 8 inputs, tiles of 4 rows x 4 inputs, whose loads each serve more sums: each
    the faster there (BENCHMARKS.md, the batched products). */
-static void F(linear_rows)(const Linear *layer, const float *input, float *output, int seqs,
-                           int begin, int end, int mode, int exact) {
+static void F(linear_rows)(const Linear *layer, const float *input, const void *parts,
+                           float *output, int seqs, int begin, int end, int mode, int exact) {
     for (int r = begin; r < end; r += 16) {
         const int count = end - r < 16 ? end - r : 16;
         for (int j0 = 0; j0 < seqs; j0 += 4) {
@@ -154,7 +160,8 @@ static void F(linear_rows)(const Linear *layer, const float *input, float *outpu
             float v[4][16], d[16];
             for (int i = 0; i < count;) {
                 const int tile_rows = seqs >= 8 && count - i >= 4 ? 4 : 1;
-                F(rows_times)(layer, r + i, tile_rows, input + (size_t)j0 * layer->cols, pass, d);
+                F(rows_times)(layer, r + i, tile_rows, input + (size_t)j0 * layer->cols, parts,
+                              pass, d);
                 for (int a = 0; a < tile_rows; a++, i++)
                     for (int j = 0; j < pass; j++)
                         v[j][i] = d[a * pass + j] + (layer->b ? layer->b[r + i] : 0);
@@ -171,17 +178,33 @@ static void F(linear_rows)(const Linear *layer, const float *input, float *outpu
 /* Thread tid's part (of `threads`) of linear_rows over the layer's rows: chunks of its own
    share, then of the others' (native.h: CHUNK), taken[t * APART] counting those of thread
    t's share (zero before the product). */
-static void F(linear_part)(const Linear *layer, const float *input, float *output, int seqs,
-                           int tid, int threads, int *taken, int mode, int exact) {
+static void F(linear_shares)(const Linear *layer, const float *input, const void *parts,
+                             float *output, int seqs, int tid, int threads, int *taken, int mode,
+                             int exact) {
     for (int k = 0; k < threads; k++) {
         const int owner = (tid + k) % threads;
         int *counter = taken + owner * APART, begin, end, at;
         share(layer->rows, owner, threads, &begin, &end);
         while ((at = begin + __atomic_fetch_add(counter, 1, __ATOMIC_RELAXED) * CHUNK) < end) {
             const int stop = end - at < CHUNK ? end : at + CHUNK;
-            F(linear_rows)(layer, input, output, seqs, at, stop, mode, exact);
+            F(linear_rows)(layer, input, parts, output, seqs, at, stop, mode, exact);
         }
     }
+}
+
+/* linear_shares, one input of bfloat16 weights (of at most SPLIT_COLS columns) split first
+   (split3: each thread its own copy, on its stack) in DPBF16 builds. */
+static void F(linear_part)(const Linear *layer, const float *input, float *output, int seqs,
+                           int tid, int threads, int *taken, int mode, int exact) {
+#if DPBF16
+    if (layer->type == BF16 && seqs == 1 && layer->cols <= SPLIT_COLS) {
+        P parts[(layer->cols + 31) / 32 * 3];
+        F(split3)(input, layer->cols, parts);
+        F(linear_shares)(layer, input, parts, output, seqs, tid, threads, taken, mode, exact);
+        return;
+    }
+#endif
+    F(linear_shares)(layer, input, NULL, output, seqs, tid, threads, taken, mode, exact);
 }
 
 static float F(dot)(const float *a, const float *b, int count) {
