@@ -11,13 +11,16 @@ servers) one after another through /v1/completions, streamed, greedy, `ignore_eo
 times its first token and its end. Per N: aggregate generated tokens per second (all tokens
 over the wall time from the first request to the last end), median and 95th-percentile time
 to first token. llama-server runs -np N slots (continuous batching, its default) of 256
-tokens each, both servers 2 threads. Also `minigpt2 sample`'s rate (a Generator on the same
-model, the same way laid out) for the N = 1 comparison.
+tokens each, both servers 2 threads. Also each decoder alone for the N = 1 comparison:
+`minigpt2 sample`'s rate (a Generator on the same model, the same way laid out, a 64-token
+prompt) and llama-bench's (tg, when it is beside llama-server), and a request's rate at N = 1
+against its own decoder's.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -27,12 +30,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import httpx
 import torch
 
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -51,20 +56,31 @@ def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
 
 
 def one_request(url: str, prompt: list[int], n: int) -> tuple[float, float, int]:
-    """(seconds to the first token, seconds to the end, tokens) of one streamed completion."""
+    """(seconds to the first token, seconds to the end, tokens) of one streamed completion.
+    Through the standard library's http.client, not httpx: the client shares the 2 cores with
+    the server, and httpx took 0.26 ms of CPU a token against 0.08 (int8, one client), which
+    the server's step lost to it."""
     body = {"prompt": prompt, "max_tokens": n, "temperature": 0, "stream": True}
     body |= {"ignore_eos": True, "model": "m"}
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=600)
     start, first, pieces, finish = time.perf_counter(), None, 0, None
-    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+    connection.request("POST", "/v1/completions", json.dumps(body), JSON_HEADERS)
+    response = connection.getresponse()
+    if response.status != 200:
+        raise SystemExit(f"the server answered {response.status}: {response.read()[:500]!r}")
+    pending = b""
+    while data := response.read1(1 << 16):  # server-sent events: "data: {...}\n\n"
+        *events, pending = (pending + data).split(b"\n\n")
+        for event in events:
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
                 continue
-            choices = json.loads(line[6:]).get("choices") or [{}]
-            if choices[0].get("text"):
+            choice = (json.loads(event[6:]).get("choices") or [{}])[0]
+            if choice.get("text"):
                 first = first or time.perf_counter()
                 pieces += 1
-            finish = choices[0].get("finish_reason") or finish
+            finish = choice.get("finish_reason") or finish
+    connection.close()
     if finish != "length":  # every request must make its n tokens, or the rates mean nothing
         raise SystemExit(f"a request ended with finish_reason {finish!r}, not length")
     return first - start, time.perf_counter() - start, pieces
@@ -140,8 +156,21 @@ def sample_rate(model_dir: Path, precision: str, prompt: list[int], n: int) -> f
     return max(rates)
 
 
-def side_by_side(args, model_dir: Path, gguf: Path, precision: str, clients: int, prompts) -> str:
-    """One N: both servers started, warmed up and loaded in turn; a line of figures."""
+def llama_bench_rate(bin_dir: Path, gguf: Path, n: int) -> float | None:
+    """llama.cpp's own one-sequence decoding rate (llama-bench tg n, 2 threads) on gguf: what
+    llama-server's requests at N = 1 are to be set against, as ours are against sample's."""
+    binary = bin_dir / "llama-bench"
+    if not binary.exists():
+        return None
+    cmd = [str(binary), "-m", str(gguf), "-t", "2", "-p", "0", "-n", str(n), "-o", "json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(json.loads(out)[0]["avg_ts"])
+
+
+def side_by_side(
+    args, model_dir: Path, gguf: Path, precision: str, clients: int, prompts
+) -> tuple[dict, str]:
+    """One N: both servers started, warmed up and loaded in turn; their figures, and a line."""
     n = args.new_tokens
     engines = [("minigpt2", start_ours(model_dir, args.tokenizer, precision, clients, args.port))]
     if args.llama_cpp:
@@ -167,7 +196,7 @@ def side_by_side(args, model_dir: Path, gguf: Path, precision: str, clients: int
     if len(results) == 2:
         ratio = results["minigpt2"]["tok_s"] / results["llama-server"]["tok_s"]
         line += f" | throughput {ratio:.2f}x"
-    return line
+    return results, line
 
 
 def main() -> None:
@@ -200,13 +229,23 @@ def main() -> None:
             source = GPT.from_pretrained(str(model_dir))
             write_gguf(source, gguf, get_tokenizer(args.tokenizer), PRECISIONS[precision])
         probe = [rng.randrange(50257) for _ in range(64)]
-        alone = sample_rate(model_dir, precision, probe, n)
-        print(f"\n{precision}: minigpt2 sample alone {alone:.1f} tok/s (64-token prompt)")
+        alone = {"minigpt2": sample_rate(model_dir, precision, probe, n)}
+        line = (
+            f"\n{precision}: alone, minigpt2 sample {alone['minigpt2']:.1f} tok/s (64-token prompt)"
+        )
+        if args.llama_cpp and (rate := llama_bench_rate(Path(args.llama_cpp), gguf, n)):
+            alone["llama-server"] = rate
+            line += f", llama-bench tg{n} {rate:.1f} tok/s"
+        print(line)
         for clients in counts:
             total = max(8, 2 * clients)
             lengths = [rng.randint(16, 128) for _ in range(total)]
             prompts = [[rng.randrange(50257) for _ in range(m)] for m in lengths]
-            print(side_by_side(args, model_dir, gguf, precision, clients, prompts), flush=True)
+            results, line = side_by_side(args, model_dir, gguf, precision, clients, prompts)
+            if clients == 1:  # a request against its own decoder alone: what serving costs
+                shares = [f"{k} {results[k]['per_request'] / v:.2f}x" for k, v in alone.items()]
+                line += " | per request against alone: " + ", ".join(shares)
+            print(line, flush=True)
     tmp.cleanup()
 
 

@@ -79,6 +79,7 @@ class _Row:
     seq: torch.Tensor  # (1, n): prompt and tokens so far (the repetition penalty reads it)
     generator: torch.Generator
     made: int = 0
+    last: int = 0  # seq's last token, the next step's input (reading it from seq costs more)
 
 
 @dataclass
@@ -223,7 +224,7 @@ class Engine:
         """One token for every live row: the whole step in native.c for up to NATIVE_ROWS
         rows, else a batch in torch (packed products, native.c's slot attention)."""
         live = self._live()
-        last = [int(self.rows[i].seq[0, -1]) for i in live]
+        last = [self.rows[i].last for i in live]
         if self._native is not None and len(live) <= NATIVE_ROWS:
             logits = self._native.step_slots(last, live, self.cache)[:, : self.vocab]
         else:
@@ -250,7 +251,7 @@ class Engine:
         else:
             t = int(pick_tokens(process_logits(logits, cfg, row.seq), cfg, [row.generator])[0])
         row.seq = torch.cat([row.seq, torch.tensor([[t]], device=row.seq.device)], dim=1)
-        row.made += 1
+        row.made, row.last = row.made + 1, t
         if cfg.stop_at_eot and t == cfg.eot_id:
             self._leave(slot, "stop")
             return
