@@ -8,13 +8,15 @@ The full gpt2 shape with random weights saved by transformers; llama-server read
 files this project writes (`minigpt2 export ... .gguf`: f32, bf16, q8_0 for int8). Each
 client sends its prompts (16 to 128 random token ids, as token lists, the same for both
 servers) one after another through /v1/completions, streamed, greedy, `ignore_eos`, and
-times its first token and its end. Per N: aggregate generated tokens per second (all tokens
-over the wall time from the first request to the last end), median and 95th-percentile time
-to first token. llama-server runs -np N slots (continuous batching, its default) of 256
-tokens each, both servers 2 threads. Also each decoder alone for the N = 1 comparison:
-`minigpt2 sample`'s rate (a Generator on the same model, the same way laid out, a 64-token
-prompt) and llama-bench's (tg, when it is beside llama-server), and a request's rate at N = 1
-against its own decoder's.
+times its first token and its end. Both servers run at once, idle but for their turns: the
+prompts go in up to 4 rounds, the servers taking turns (A B, B A, ...), so the machine's
+drift (20-25% within minutes) reaches both alike. Per N: aggregate generated tokens per
+second (all tokens over the rounds' wall time), median and 95th-percentile time to first
+token, a request's rate after its first token. llama-server runs -np N slots (continuous
+batching, its default) of 256 tokens each, both servers 2 threads. At N = 1 each decoder
+alone is timed once a round as well: `minigpt2 sample` (a Generator on the same model, the
+same way laid out, a 64-token prompt) and llama-bench (tg, when it is beside llama-server);
+a request's rate is set against its own decoder's.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 PRECISIONS = {"float32": "f32", "bfloat16": "bf16", "int8": "q8_0"}
 JSON_HEADERS = {"Content-Type": "application/json"}
+ROUNDS = 4  # turns each server takes at an N (at most; each round at least one prompt a client)
 
 
 def wait_ready(url: str, proc: subprocess.Popen, seconds: float = 300) -> None:
@@ -87,16 +90,17 @@ def one_request(url: str, prompt: list[int], n: int) -> tuple[float, float, int]
 
 
 def load(url: str, clients: int, prompts: list[list[int]], n: int) -> dict:
-    """clients threads, each sending its share of prompts in turn; the figures of one N."""
+    """clients threads, each sending its share of prompts in turn: each request's time to its
+    first token and from there to its end, the wall time, the tokens made."""
     firsts: list[float] = []
-    done: list[float] = []
+    spans: list[float] = []
     shares = [prompts[i::clients] for i in range(clients)]
 
     def client(share: list[list[int]]) -> None:
         for prompt in share:
             ttft, total, _ = one_request(url, prompt, n)
             firsts.append(ttft)
-            done.append(total)
+            spans.append(total - ttft)
 
     start = time.perf_counter()
     threads = [threading.Thread(target=client, args=(s,)) for s in shares]
@@ -105,13 +109,19 @@ def load(url: str, clients: int, prompts: list[list[int]], n: int) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    firsts.sort()
+    return {"firsts": firsts, "spans": spans, "wall": wall, "tokens": len(prompts) * n}
+
+
+def summary(parts: list[dict], n: int) -> dict:
+    """One server's figures over its rounds: aggregate tok/s (all tokens over the rounds' wall
+    time), TTFT median and 95th percentile, a request's rate after its first token (median)."""
+    firsts = sorted(f for part in parts for f in part["firsts"])
+    spans = [s for part in parts for s in part["spans"]]
     return {
-        "tok_s": len(prompts) * n / wall,
+        "tok_s": sum(p["tokens"] for p in parts) / sum(p["wall"] for p in parts),
         "ttft_median": statistics.median(firsts),
         "ttft_p95": firsts[min(len(firsts) - 1, int(0.95 * len(firsts)))],
-        "per_request": (n - 1)
-        / statistics.median(d - f for d, f in zip(done, firsts, strict=True)),
+        "per_request": (n - 1) / statistics.median(spans),
     }
 
 
@@ -130,8 +140,9 @@ def start_llama(binary: Path, gguf: Path, slots: int, port: int):
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def sample_rate(model_dir: Path, precision: str, prompt: list[int], n: int) -> float:
-    """minigpt2 sample's decoding rate (tok/s after the first) on the same model."""
+def sample_timer(model_dir: Path, precision: str, prompt: list[int], n: int):
+    """A function timing `minigpt2 sample`'s decoding rate once (tok/s after the first token)
+    on the same model, loaded once here."""
     from minigpt2.decode.generate import Generator, SamplingConfig
     from minigpt2.decode.kernels import layout_for_inference
     from minigpt2.decode.quantize import quantize_for_decoding
@@ -146,57 +157,78 @@ def sample_rate(model_dir: Path, precision: str, prompt: list[int], n: int) -> f
     gen = Generator(model)
     cfg = SamplingConfig(max_new_tokens=n, greedy=True)
     gen.generate([prompt], SamplingConfig(max_new_tokens=4, greedy=True))
-    rates = []
-    for _ in range(2):
+
+    def rate() -> float:
         steps = gen.stream([prompt], cfg)
         next(steps)
         t = time.perf_counter()
         count = sum(1 for _ in steps)
-        rates.append(count / (time.perf_counter() - t))
-    return max(rates)
+        return count / (time.perf_counter() - t)
+
+    return rate
 
 
-def llama_bench_rate(bin_dir: Path, gguf: Path, n: int) -> float | None:
-    """llama.cpp's own one-sequence decoding rate (llama-bench tg n, 2 threads) on gguf: what
-    llama-server's requests at N = 1 are to be set against, as ours are against sample's."""
+def llama_bench_timer(bin_dir: Path, gguf: Path, n: int):
+    """A function timing llama.cpp's own one-sequence decoding rate once (llama-bench tg n, 2
+    threads) on gguf: what llama-server's requests at N = 1 are set against, as ours are
+    against sample's; None without llama-bench."""
     binary = bin_dir / "llama-bench"
     if not binary.exists():
         return None
-    cmd = [str(binary), "-m", str(gguf), "-t", "2", "-p", "0", "-n", str(n), "-o", "json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(json.loads(out)[0]["avg_ts"])
+    cmd = [str(binary), "-m", str(gguf), "-t", "2", "-p", "0", "-n", str(n), "-r", "1"]
+
+    def rate() -> float:
+        out = subprocess.run([*cmd, "-o", "json"], capture_output=True, text=True, check=True)
+        return float(json.loads(out.stdout)[0]["avg_ts"])
+
+    return rate
 
 
 def side_by_side(
-    args, model_dir: Path, gguf: Path, precision: str, clients: int, prompts
-) -> tuple[dict, str]:
-    """One N: both servers started, warmed up and loaded in turn; their figures, and a line."""
+    args, model_dir: Path, gguf: Path, precision: str, clients: int, prompts, alone: dict
+) -> str:
+    """One N: both servers started and warmed up, then the prompts in rounds, the servers
+    taking turns (A B, B A, A B, ...: the machine's drift reaches both alike); at N = 1 each
+    decoder alone (alone: name -> timer) once a round too. A line of figures."""
     n = args.new_tokens
-    engines = [("minigpt2", start_ours(model_dir, args.tokenizer, precision, clients, args.port))]
+    engines = {"minigpt2": start_ours(model_dir, args.tokenizer, precision, clients, args.port)}
     if args.llama_cpp:
         binary = Path(args.llama_cpp) / "llama-server"
-        engines.append(("llama-server", start_llama(binary, gguf, clients, args.port + 1)))
-    results = {}
+        engines["llama-server"] = start_llama(binary, gguf, clients, args.port + 1)
+    urls = {name: f"http://127.0.0.1:{args.port + k}" for k, name in enumerate(engines)}
+    rounds = max(1, min(ROUNDS, len(prompts) // clients))
+    size = len(prompts) // rounds
+    parts: dict[str, list] = {name: [] for name in engines}
+    rates: dict[str, list] = {name: [] for name in alone} if clients == 1 else {}
     try:
-        for k, (_, proc) in enumerate(engines):
-            url = f"http://127.0.0.1:{args.port + k}"
-            wait_ready(url, proc)
-            one_request(url, prompts[0][:16], 8)  # warm-up
-        order = list(enumerate(engines))
-        for k, (name, _) in order if clients % 2 else order[::-1]:  # alternate who starts
-            results[name] = load(f"http://127.0.0.1:{args.port + k}", clients, prompts, n)
+        for name, proc in engines.items():
+            wait_ready(urls[name], proc)
+            one_request(urls[name], prompts[0][:16], 8)  # warm-up
+        for r in range(rounds):
+            group = prompts[r * size : (r + 1) * size]
+            for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+                parts[name].append(load(urls[name], clients, group, n))
+            for name in rates:
+                rates[name].append(alone[name]())
     finally:
-        for _, proc in engines:
+        for proc in engines.values():
             proc.terminate()
             proc.wait(60)
-    line = f"  N={clients:<2} ({len(prompts)} requests)"
+    results = {name: summary(p, n) for name, p in parts.items()}
+    line = f"  N={clients:<2} ({len(prompts)} requests, {rounds} rounds)"
     for name, r in results.items():
         line += f" | {name} {r['tok_s']:6.1f} tok/s, TTFT median {r['ttft_median']:.2f} s, "
         line += f"p95 {r['ttft_p95']:.2f} s, per request {r['per_request']:.1f} tok/s"
     if len(results) == 2:
         ratio = results["minigpt2"]["tok_s"] / results["llama-server"]["tok_s"]
         line += f" | throughput {ratio:.2f}x"
-    return results, line
+    if rates:  # a request against its own decoder alone, in the same rounds
+        shares = []
+        for name, values in rates.items():
+            rate = statistics.median(values)
+            shares.append(f"{name} {results[name]['per_request'] / rate:.2f}x of {rate:.1f}")
+        line += " | a request against its decoder alone (tok/s): " + ", ".join(shares)
+    return line
 
 
 def main() -> None:
@@ -229,23 +261,17 @@ def main() -> None:
             source = GPT.from_pretrained(str(model_dir))
             write_gguf(source, gguf, get_tokenizer(args.tokenizer), PRECISIONS[precision])
         probe = [rng.randrange(50257) for _ in range(64)]
-        alone = {"minigpt2": sample_rate(model_dir, precision, probe, n)}
-        line = (
-            f"\n{precision}: alone, minigpt2 sample {alone['minigpt2']:.1f} tok/s (64-token prompt)"
-        )
-        if args.llama_cpp and (rate := llama_bench_rate(Path(args.llama_cpp), gguf, n)):
-            alone["llama-server"] = rate
-            line += f", llama-bench tg{n} {rate:.1f} tok/s"
-        print(line)
+        alone = {"minigpt2": sample_timer(model_dir, precision, probe, n)}
+        if args.llama_cpp and (timer := llama_bench_timer(Path(args.llama_cpp), gguf, n)):
+            alone["llama-server"] = timer
+        print(f"\n{precision}:")
         for clients in counts:
             total = max(8, 2 * clients)
             lengths = [rng.randint(16, 128) for _ in range(total)]
             prompts = [[rng.randrange(50257) for _ in range(m)] for m in lengths]
-            results, line = side_by_side(args, model_dir, gguf, precision, clients, prompts)
-            if clients == 1:  # a request against its own decoder alone: what serving costs
-                shares = [f"{k} {results[k]['per_request'] / v:.2f}x" for k, v in alone.items()]
-                line += " | per request against alone: " + ", ".join(shares)
+            line = side_by_side(args, model_dir, gguf, precision, clients, prompts, alone)
             print(line, flush=True)
+        del alone  # the sample model's memory
     tmp.cleanup()
 
 
