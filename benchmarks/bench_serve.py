@@ -217,8 +217,8 @@ def side_by_side(
     results = {name: summary(p, n) for name, p in parts.items()}
     line = f"  N={clients:<2} ({len(prompts)} requests, {rounds} rounds)"
     for name, r in results.items():
-        line += f" | {name} {r['tok_s']:6.1f} tok/s, TTFT median {r['ttft_median']:.2f} s, "
-        line += f"p95 {r['ttft_p95']:.2f} s, per request {r['per_request']:.1f} tok/s"
+        line += f" | {name} {r['tok_s']:6.1f} tok/s, TTFT median {r['ttft_median']:.3f} s, "
+        line += f"p95 {r['ttft_p95']:.3f} s, per request {r['per_request']:.1f} tok/s"
     if len(results) == 2:
         ratio = results["minigpt2"]["tok_s"] / results["llama-server"]["tok_s"]
         line += f" | throughput {ratio:.2f}x"

@@ -350,27 +350,27 @@ def test_fuzz_native_steps_against_pytorch():
 
 @pytest.mark.parametrize("kind", ["float32", "bfloat16", "int8"])
 def test_packed_copies_multiply_several_rows_and_leave_one_row_to_native(kind):
-    """A server's layers: products of more than PACKED_FROM rows in the oneDNN copy, one row in
-    native.c over the dense weight. float32 equals nn.Linear's logits; bfloat16 and int8 (whose
-    copy holds the integers, scaled after the product) equal the same model without copies to
-    bfloat16's rounding, and both stay near the float32 model's."""
+    """A server's float32 layers: products of more than PACKED_FROM rows in the oneDNN copy,
+    one row in native.c over the dense weight, both equal to nn.Linear's logits. bfloat16 and
+    int8 layers get no copy (oneDNN's products of those round activations to bfloat16)."""
     torch.manual_seed(0)
     cfg = GPTConfig(n_layer=1, n_head=2, n_embd=64, vocab_size=101, block_size=16)
     plain = GPT(cfg).eval()
     for p in plain.parameters():  # wider than the default init: logits that differ in earnest
         torch.nn.init.normal_(p, std=0.3)
-    model, reference = copy.deepcopy(plain), copy.deepcopy(plain)
+    model = copy.deepcopy(plain)
     if kind == "int8":
-        model, reference = quantize_for_decoding(model), quantize_for_decoding(reference)
+        model = quantize_for_decoding(model)
     else:
         model = layout_for_inference(model.to(getattr(torch, kind)), sequences=1)
-        reference = layout_for_inference(reference.to(getattr(torch, kind)), sequences=1)
     added = pack_beside_native(model)
-    if not added:
-        pytest.skip(f"oneDNN does not multiply {kind} weights on this CPU")
     layers = [m for m in model.modules() if isinstance(m, (NativeLinear, Int8Linear))]
-    size = 1 if kind == "int8" else model.transformer.wte.weight.element_size()
-    assert added == sum({1: 2}.get(size, size) * m.weight.numel() for m in layers)
+    if kind != "float32":
+        assert added == 0 and not any("packed" in m.__dict__ for m in layers)
+        return
+    if not added:
+        pytest.skip("this PyTorch has no oneDNN")
+    assert added == sum(4 * m.weight.numel() for m in layers)
     calls = []
     for m in layers:
         forward = m.__dict__["packed"].forward
@@ -379,14 +379,9 @@ def test_packed_copies_multiply_several_rows_and_leave_one_row_to_native(kind):
         idx = torch.randint(0, 101, (rows, 1))
         calls.clear()
         with torch.inference_mode():
-            got, want, exact = model(idx).float(), reference(idx).float(), plain(idx)
+            got, exact = model(idx), plain(idx)
         assert bool(calls) == (rows > 2)
-        scale = exact.abs().max()
-        if kind == "float32":
-            assert torch.allclose(got, exact, atol=1e-5, rtol=1e-5)
-        else:  # bfloat16 activations (copies, torch) or float32 ones (native.c) between layers
-            assert (got - want).abs().max() < 0.05 * scale
-            assert (got - exact).abs().max() < 0.1 * scale
+        assert torch.allclose(got, exact, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -14,7 +14,6 @@ import torch
 
 from ..model.gpt import GPT
 from .native import NativeLinear, use_native_linears
-from .quantize import Int8Linear
 
 
 class PackedLinear(torch.nn.Module):
@@ -55,39 +54,32 @@ class FewRowsLinear(torch.nn.Linear):
 
 
 def pack_beside_native(model: GPT) -> int:
-    """Give each NativeLinear (float32 or bfloat16) and Int8Linear of model a copy of its weight
-    in oneDNN's layout, which multiplies its products of more than native.PACKED_FROM rows
-    (batched decode steps and prompts) while one-row steps keep reading the dense weight in
-    native.c; returns the bytes the copies take. An int8 layer's copy is its integers in
-    bfloat16 (exact), scaled after the product. gpt2's 48 block matrices, each cold, at 16
-    rows: float32 24.6 ms packed against 33.0 in native.c; bfloat16 16.3 against 30.6; int8
-    17.7 against 29.1 in torch's int8 kernel (BENCHMARKS.md, serving)."""
+    """Give each float32 NativeLinear of model a copy of its weight in oneDNN's layout, which
+    multiplies its products of more than native.PACKED_FROM rows (batched decode steps and
+    prompts) while one-row steps keep reading the dense weight in native.c; returns the bytes
+    the copies take. gpt2's 48 block matrices, each cold, at 16 rows: 24.6 ms packed against
+    33.0 in native.c (BENCHMARKS.md, serving). bfloat16 and int8 layers get none: oneDNN's
+    products of those round the activations to bfloat16, so a sequence in a batch would get
+    other tokens than alone; a server steps their batches in native.c (float32 activations)."""
     added = 0
     for module in model.modules():
         if "packed" in module.__dict__ or not packed_copy_available(module):
             continue
-        if isinstance(module, Int8Linear):
-            weight, bias = module.weight.to(torch.bfloat16), None
-        else:
-            weight, bias = module.weight, module.bias
         # in __dict__, not a child module: kept out of modules(), state_dict() and .to()
-        module.__dict__["packed"] = PackedLinear(weight, bias)
-        added += weight.numel() * weight.element_size()
+        module.__dict__["packed"] = PackedLinear(module.weight, module.bias)
+        added += module.weight.numel() * module.weight.element_size()
     return added
 
 
 def packed_copy_available(module: torch.nn.Module) -> bool:
-    """Whether pack_beside_native gives module a copy: a NativeLinear or Int8Linear on a CPU
-    whose oneDNN multiplies its dtype (float32; bfloat16, int8's copy too, where it has
-    AVX-512's bfloat16 instructions or AMX)."""
-    if not isinstance(module, (NativeLinear, Int8Linear)) or module.weight.device.type != "cpu":
-        return False
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if isinstance(module, NativeLinear) and module.weight.dtype is torch.float32:
-        return True
-    bfloat16 = isinstance(module, Int8Linear) or module.weight.dtype is torch.bfloat16
-    return bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """Whether pack_beside_native gives module a copy: a float32 NativeLinear on a CPU where
+    oneDNN runs."""
+    return (
+        isinstance(module, NativeLinear)
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype is torch.float32
+        and torch.backends.mkldnn.is_available()
+    )
 
 
 def _pass_seconds(layers: list[torch.nn.Module], rounds: int = 9) -> float:

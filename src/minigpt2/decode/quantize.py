@@ -5,8 +5,7 @@ Symmetric per-channel rounding: scale_j = max_k |W_jk| / 127 and q_jk = round(W_
 so each weight is off by at most half a step, scale_j / 2. A product reads a quarter of
 float32's bytes per weight: up to 8 rows (decoding) in the native decoder where it runs
 (decode/native; float32 activations), more rows (prompts, scoring) through
-`torch.ops.aten._weight_int8pack_mm` (bfloat16 activations and scales), or in a server through
-a copy of the integers in bfloat16 in oneDNN's layout (decode.kernels.pack_beside_native).
+`torch.ops.aten._weight_int8pack_mm` (bfloat16 activations and scales).
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import MiniGPT2Error
-from .native import PACKED_FROM, NativeLinear, native_available, native_linear
+from .native import NativeLinear, native_available, native_linear
 
 SCHEMES = ("int8",)
 
@@ -37,14 +36,10 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", b, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, packed = x.shape[:-1].numel(), self.__dict__.get("packed")
-        packed = packed if n > PACKED_FROM else None  # a server's copy (kernels.py), if made
-        if packed is None and n <= self.NATIVE_ROWS and x.is_cpu and native_available():
+        if x.shape[:-1].numel() <= self.NATIVE_ROWS and x.is_cpu and native_available():
             return native_linear(self, x)
         rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        if packed is not None:  # the integers in bfloat16, exact: each row's scale after
-            out = packed(rows) * self.scales
-        elif self.weight.shape[1] % 8:  # the int8 kernel crashes past 8 rows on such widths
+        if self.weight.shape[1] % 8:  # the int8 kernel crashes past 8 rows on such widths
             out = nn.functional.linear(rows, self.dequantized().to(rows.dtype))
         else:
             out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)

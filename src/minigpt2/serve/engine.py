@@ -4,9 +4,10 @@ sequence in one step; new sequences join between steps and finished ones leave a
 Each sequence has a slot of one KVCache.slots cache, at its own length. A joining sequence's
 prompt runs alone into its slot (as `minigpt2 sample` runs it); then a step feeds every live
 slot's last token through the model together, each row at its own position (products read
-the weights once for all rows). With up to NATIVE_ROWS sequences running, the whole step runs
-in native.c (one row: the same step as `minigpt2 sample`'s). Every row keeps its own sampling
-knobs, random generator and token history, so a sequence gets the tokens it would get alone.
+the weights once for all rows). The whole step runs in native.c (one row: the same step as
+`minigpt2 sample`'s), with float32 weights up to NATIVE_ROWS sequences and with bfloat16 and
+int8 ones at any number. Every row keeps its own sampling knobs, random generator and token
+history, so a sequence gets the tokens it would get alone.
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ from ..model.gpt import GPT
 # process; Python runs the handler only once the main thread runs Python code again, so a
 # wait without a timeout could sleep through it (tests/test_serve.py reproduces that).
 SIGNAL_CHECK = 0.2
-# Rows up to which a step runs whole in native.c (NativeDecoder.step_slots); past them torch's
-# batch with oneDNN's packed products is faster. A gpt2 step in ms, native against torch
-# (`python benchmarks/bench_engine.py --skip-engine --rows 2,4,8,16 --dtype D`), float32 /
-# bfloat16 / int8: 2 rows 17.1 / 11.2 / 8.4 against 20.8 / 14.4 / 11.8, 4 rows 27.0 / 14.3 /
-# 12.1 against 29.4 / 18.5 / 19.1, 8 rows 33.2 / 27.0 / 21.1 against 31.8 / 20.1 / 21.2.
+# Rows up to which a float32 step runs whole in native.c (NativeDecoder.step_slots); past them
+# torch's batch with oneDNN's packed products is faster, and as exact (float32 activations). A
+# gpt2 float32 step in ms, native against torch (`python benchmarks/bench_engine.py
+# --skip-engine --rows 2,4,8,16`): 2 rows 17.1 against 20.8, 4 rows 27.0 against 29.4, 8 rows
+# 33.2 against 31.8. bfloat16 and int8 steps stay native at every size: torch's products of
+# those round the activations to bfloat16, and a sequence's greedy tokens in a batch then
+# differed from its tokens alone (8 at once: all 8 within 34 tokens, BENCHMARKS.md).
 NATIVE_ROWS = 4
 
 
@@ -123,10 +126,11 @@ class Engine:
         self.model, self.vocab = self.generator.model, self.generator.vocab
         config, weight = self.model.config, self.model.transformer.wte.weight
         self.cache = KVCache.slots(config, slots, config.block_size, weight.device, weight.dtype)
-        # steps of several rows, and prompts, multiply in oneDNN's layout, a second copy of
-        # the weights (the one-row native step reads the first): float32 at 4 to 16 gpt2 rows
-        # 1.03-1.28x the engine alone, bfloat16 and int8 products about 2x (BENCHMARKS.md)
-        pack_beside_native(self.model)
+        # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
+        # copy of the weights (the one-row native step reads the first): at 4 to 16 gpt2 rows
+        # 1.03-1.28x the engine alone (BENCHMARKS.md); other dtypes get no copy
+        packed = pack_beside_native(self.model)
+        self.native_rows = NATIVE_ROWS if packed else slots
         self.cache.attend = slots_attention(self.cache)  # None: torch's attention
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
@@ -221,11 +225,11 @@ class Engine:
         self._advance(slot, logits)
 
     def _step(self) -> None:
-        """One token for every live row: the whole step in native.c for up to NATIVE_ROWS
-        rows, else a batch in torch (packed products, native.c's slot attention)."""
+        """One token for every live row: the whole step in native.c (float32: up to
+        NATIVE_ROWS rows), else a batch in torch (packed products, native.c's attention)."""
         live = self._live()
         last = [self.rows[i].last for i in live]
-        if self._native is not None and len(live) <= NATIVE_ROWS:
+        if self._native is not None and len(live) <= self.native_rows:
             logits = self._native.step_slots(last, live, self.cache)[:, : self.vocab]
         else:
             top = live[-1] + 1  # rows [0, top): holes between live rows run too, unread
