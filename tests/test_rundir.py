@@ -114,6 +114,31 @@ def test_two_trainings_at_once_the_second_is_refused(tmp_path):
     assert not lock.exists()
 
 
+def test_a_signal_while_the_lock_is_taken_stops_the_run_and_frees_it(tmp_path, monkeypatch):
+    """SIGINT as run() takes out_dir's lock: the run stops as usual (checkpointed, 130) and the
+    lock file goes. Before, KeyboardInterrupt came out of the claim and left out/.lock."""
+    import minigpt2.train.trainer as trainer
+
+    real, calls = trainer.claim_out_dir, []
+
+    def claim_then_signal(cfg, dist):
+        lock = real(cfg, dist)
+        calls.append(1)
+        if len(calls) == 2:  # run()'s claim, not _prepare's check
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the handler here
+        return lock
+
+    monkeypatch.setattr(trainer, "claim_out_dir", claim_then_signal)
+    try:
+        code = train_main(settings(tmp_path, max_iters=50))
+    except KeyboardInterrupt:
+        code = "KeyboardInterrupt"
+    assert code == 130 and len(calls) == 2
+    assert (tmp_path / "out" / "ckpt.safetensors").is_file()
+    assert not (tmp_path / "out" / LOCK).exists()
+
+
 def test_ranks_stop_together_on_a_locked_out_dir(tmp_path):
     """Under torchrun only rank 0 takes the lock; every rank hears the refusal and exits."""
     with RunLock(tmp_path / "busy"):

@@ -373,11 +373,14 @@ class Trainer:
             if self.cfg.eval_only:
                 clean = True
                 return {"eval_only": True, **self._evaluation()}
-            self.lock = claim_out_dir(self.cfg, self.dist)
-            if self.dist.is_main and self.cfg.overwrite and self.cfg.init_from != "resume":
-                clear_run(self.lock.out_dir)  # the model was read already: it may come from there
-            reporter = Reporter(self)
+            # From the lock on, a signal is a flag the loop reads after its step: a SIGINT that
+            # came while the lock was being taken raised KeyboardInterrupt there and left the
+            # lock file behind (tests/test_rundir.py saw it once in five runs)
             with Interrupted() as interrupted:
+                self.lock = claim_out_dir(self.cfg, self.dist)
+                if self.dist.is_main and self.cfg.overwrite and self.cfg.init_from != "resume":
+                    clear_run(self.lock.out_dir)  # the model was read already: it may be there
+                reporter = Reporter(self)
                 try:
                     summary = self._loop(reporter, interrupted)
                 except RuntimeError as e:
