@@ -71,6 +71,46 @@ def test_ctrl_c_in_eval(tmp_path, byte_run, monkeypatch, capsys):
     assert capsys.readouterr().err.strip().endswith("nothing was left half written")
 
 
+def default_sigint() -> None:
+    """In the child: SIGINT as a terminal gives it. A test run started in the background of a
+    non-interactive shell ignores SIGINT, its children inherit that, and Python then installs
+    no KeyboardInterrupt handler: the Ctrl-C tests would wait for nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill and /proc are Linux's")
+def test_ctrl_c_caught_by_another_thread_while_sampling(tmp_path, byte_run):
+    """The kernel may hand a process's SIGINT to any of its threads, here the decoder's OpenMP
+    threads: `minigpt2 sample` still stops, exit 130."""
+    import ctypes
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "minigpt2", "sample", "--model", str(byte_run)]
+        + ["--max-new-tokens", "1000000", "--prompt", "the", "--threads", "2"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=default_sigint,
+    )
+    try:
+        assert proc.stdout.read(20)  # it is generating
+        others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task") if int(t) != proc.pid]
+        libc = ctypes.CDLL(None, use_errno=True)
+        tgkill = 234 if os.uname().machine == "x86_64" else 131  # the syscall's number
+        for thread in others:
+            assert libc.syscall(tgkill, proc.pid, thread, signal.SIGINT) == 0
+            try:
+                proc.wait(10)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+
+
 def test_ctrl_c_while_sampling_a_real_signal(tmp_path, byte_run):
     """SIGINT to a streaming `minigpt2 sample`: exit 130 and one line, no traceback."""
     proc = subprocess.Popen(
@@ -80,6 +120,7 @@ def test_ctrl_c_while_sampling_a_real_signal(tmp_path, byte_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=default_sigint,
     )
     try:
         assert proc.stdout.read(20)  # it is generating
