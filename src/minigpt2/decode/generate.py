@@ -165,6 +165,15 @@ class Generator:
         """Next-token logits (B, V) after idx (left-padded where mask is 0)."""
         return self.model.lm_head(self.hidden_states(idx, cache, mask)[:, -1, :])[:, : self.vocab]
 
+    def first_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (1, vocab) after prompt ids (1, n) run into an empty one-sequence cache as
+        stream() runs one: a one-token prompt as a native step where native.c runs (a tensor
+        the next step reuses), longer ones in torch."""
+        native = self.native_decoder()
+        if native is not None and native.fits(cache, ids):
+            return native.step(int(ids), cache)[:, : self.vocab]
+        return self.logits(ids, cache)
+
     def prefill(self, ids: torch.Tensor, real: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run left-padded prompts ids (real marks their tokens) into an empty cache and return
         each row's next-token logits. Rows of one length run together, so no padding is ever
@@ -213,9 +222,13 @@ class Generator:
         base = cfg.seed if cfg.seed is not None else fresh_seed()
         gens = [seeded_generator(base + i, device) for i in range(n)]
         room = min(block, width + cfg.max_new_tokens)  # what this call can fill, no more
-        cache = KVCache(self.model.config, n, room, device, self.dtype) if use_cache else None
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
+        if n > 1 and use_cache and room == width + cfg.max_new_tokens:
+            if self._rounds_activations() and self.native_decoder() is not None:
+                yield from self._slot_stream(prompts, cfg, gens, stats)
+                return
+        cache = KVCache(self.model.config, n, room, device, self.dtype) if use_cache else None
         done = torch.zeros(n, dtype=torch.bool, device=device)
         native = self.native_decoder() if n == 1 and use_cache else None
         step_input, step_mask, t0 = seq, mask, time.perf_counter()
@@ -247,6 +260,46 @@ class Generator:
                 done |= token == cfg.eot_id
                 if bool(done.all()):
                     break
+        stats.seconds = time.perf_counter() - t0
+
+    def _rounds_activations(self) -> bool:
+        """Whether a batch in torch would round activations to bfloat16 where a sequence alone
+        runs native.c's float32 ones: bfloat16 or int8 weights."""
+        linears = (m for m in self.model.modules() if hasattr(m, "weight"))
+        return any(m.weight.dtype in (torch.bfloat16, torch.int8) for m in linears)
+
+    def _slot_stream(self, prompts, cfg: SamplingConfig, gens, stats) -> Iterator[torch.Tensor]:
+        """stream() for several prompts that each run alone into a slot of one cache (as
+        `minigpt2 serve` runs them), then step together in native.c with float32 activations:
+        each row's tokens are those it gets alone, which a batch through torch's bfloat16
+        products did not give (BENCHMARKS.md, serving). Finished rows repeat end-of-text."""
+        n, native = len(prompts), self.native
+        cache = KVCache.slots(self.model.config, n, max(map(len, prompts)) + cfg.max_new_tokens,
+                              self.device, self.dtype)  # fmt: skip
+        seqs = [torch.tensor([p], device=self.device) for p in prompts]
+        logits, t0 = [], time.perf_counter()
+        for slot, seq in enumerate(seqs):
+            alone = cache.row(slot)
+            logits.append(self.first_logits(seq, alone))
+            cache.lengths[slot] = alone.pos
+        logits = torch.cat(logits)
+        live = list(range(n))
+        token = torch.full((n,), -1 if cfg.eot_id is None else cfg.eot_id, device=self.device)
+        for _ in range(cfg.max_new_tokens):
+            for k, i in enumerate(live):
+                row = process_logits(logits[k : k + 1], cfg, seqs[i])
+                token[i] = pick_tokens(row, cfg, [gens[i]])[0]
+                seqs[i] = torch.cat([seqs[i], token[i].view(1, 1)], dim=1)
+            stats.new_tokens += 1
+            yield token.clone()
+            if cfg.stop_at_eot and cfg.eot_id is not None:
+                for i in [i for i in live if int(token[i]) == cfg.eot_id]:
+                    stats.finish[i] = "eot"
+                    live.remove(i)
+            if not live:
+                break
+            ids = [int(token[i]) for i in live]
+            logits = native.step_slots(ids, live, cache)[:, : self.vocab]
         stats.seconds = time.perf_counter() - t0
 
     def generate(

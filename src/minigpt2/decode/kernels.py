@@ -146,10 +146,12 @@ def layout_for_inference(model: GPT, pack: bool = True, sequences: int = 0) -> G
 
     sequences: how many the model will decode at once, a row each per product; 0 if it will
     score text instead (hundreds of rows a product). On a CPU that runs the native decoder
-    (decode/native), decoding keeps dense row-major weights, which it reads: products of up to 8
-    rows and whole one-sequence steps run there. Except float32 with more than 2 sequences,
-    where oneDNN's packed weights multiply faster (gpt2's 49 matrices at 4 rows 12.9 ms
-    against 15.3, at 8 rows 13.0 against 16.3; BENCHMARKS.md).
+    (decode/native), decoding keeps dense row-major weights, which it reads: one-sequence steps
+    run there, and bfloat16 batches of any size (Generator's slot stream: torch's products
+    would round their activations, and a row's tokens differ from its sequence's alone).
+    Except float32 with more than 2 sequences, where oneDNN's packed weights multiply faster
+    (gpt2's 49 matrices at 4 rows 12.9 ms against 15.3, at 8 rows 13.0 against 16.3;
+    BENCHMARKS.md) and as exactly.
 
     Decoding reads every weight matrix once per step, with as many rows as sequences in the
     batch. float32 on a CPU: each linear layer (the tied head too, as a copy) becomes a
@@ -163,7 +165,7 @@ def layout_for_inference(model: GPT, pack: bool = True, sequences: int = 0) -> G
     pack=False keeps dense weights, for torch.compile (inductor cannot lower packed ones).
     """
     float32 = model.transformer.wte.weight.dtype is torch.float32
-    if 0 < sequences <= (2 if float32 else NativeLinear.ROWS) and pack:
+    if 0 < sequences and (sequences <= 2 or not float32) and pack:
         if use_native_linears(model):
             return model
     if pack and packed_weights_available(model.transformer.wte.weight):

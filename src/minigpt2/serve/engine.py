@@ -214,7 +214,7 @@ class Engine:
         self.cache.lengths[slot] = 0
         alone = self.cache.row(slot)
         ids = torch.tensor([job.prompt], device=self.cache.kv.device)
-        logits = self.generator.logits(ids, alone)
+        logits = self.generator.first_logits(ids, alone)  # as `minigpt2 sample` runs it
         self.cache.lengths[slot], self.cache.live[slot] = alone.pos, True
         seed = job.cfg.seed if job.cfg.seed is not None else fresh_seed()
         self.rows[slot] = _Row(job, ids, seeded_generator(seed, ids.device))
