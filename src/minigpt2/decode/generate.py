@@ -272,7 +272,8 @@ class Generator:
         """stream() for several prompts that each run alone into a slot of one cache (as
         `minigpt2 serve` runs them), then step together in native.c with float32 activations:
         each row's tokens are those it gets alone, which a batch through torch's bfloat16
-        products did not give (BENCHMARKS.md, serving). Finished rows repeat end-of-text."""
+        products did not give (BENCHMARKS.md, batched decoding). Finished rows repeat
+        end-of-text."""
         n, native = len(prompts), self.native
         cache = KVCache.slots(self.model.config, n, max(map(len, prompts)) + cfg.max_new_tokens,
                               self.device, self.dtype)  # fmt: skip
@@ -280,12 +281,15 @@ class Generator:
         logits, t0 = [], time.perf_counter()
         for slot, seq in enumerate(seqs):
             alone = cache.row(slot)
-            logits.append(self.first_logits(seq, alone))
+            logits.append(self.first_logits(seq, alone).clone())  # native's is reused
             cache.lengths[slot] = alone.pos
         logits = torch.cat(logits)
         live = list(range(n))
         token = torch.full((n,), -1 if cfg.eot_id is None else cfg.eot_id, device=self.device)
-        for _ in range(cfg.max_new_tokens):
+        for step in range(cfg.max_new_tokens):
+            if step:  # the live rows' last tokens, each at its own slot's length
+                ids = [int(token[i]) for i in live]
+                logits = native.step_slots(ids, live, cache)[:, : self.vocab]
             for k, i in enumerate(live):
                 row = process_logits(logits[k : k + 1], cfg, seqs[i])
                 token[i] = pick_tokens(row, cfg, [gens[i]])[0]
@@ -298,8 +302,6 @@ class Generator:
                     live.remove(i)
             if not live:
                 break
-            ids = [int(token[i]) for i in live]
-            logits = native.step_slots(ids, live, cache)[:, : self.vocab]
         stats.seconds = time.perf_counter() - t0
 
     def generate(
