@@ -43,6 +43,7 @@ long mg2_work_floats(int n_embd, int room, int threads, int rows) {
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
 #include <immintrin.h>
 #include <sched.h>
 #include <time.h>
@@ -107,8 +108,9 @@ static void meet(Barrier *b, int threads) {
     }
 }
 
-/* AVX512_BF16's intrinsics came in GCC 10 and clang 9; __builtin_cpu_supports knows the
-   flag from GCC 11. Older compilers build the other two sets. */
+/* AVX512_BF16's intrinsics came in GCC 10 and clang 9 (GCC 11 here, to be safe); older
+   compilers build the other two sets. The CPU is asked through CPUID, not
+   __builtin_cpu_supports, whose table of names differs from compiler to compiler. */
 #if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 11
 #define BF16_SET 1
 #pragma GCC push_options
@@ -176,10 +178,10 @@ static void detect(void) {
         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")
         && __builtin_cpu_supports("fma");
     const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int bf16 = 0;
 #if BF16_SET
-    const int bf16 = avx512 && __builtin_cpu_supports("avx512bf16");
-#else
-    const int bf16 = 0;
+    unsigned a, b, c, d;  /* CPUID leaf 7, subleaf 1: EAX bit 5 is AVX512_BF16 (Intel's SDM) */
+    bf16 = avx512 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 5 & 1);
 #endif
     best = level = bf16 ? 3 : avx512 ? 2 : avx2 ? 1 : 0;
 }
