@@ -165,14 +165,28 @@ class Generator:
         """Next-token logits (B, V) after idx (left-padded where mask is 0)."""
         return self.model.lm_head(self.hidden_states(idx, cache, mask)[:, -1, :])[:, : self.vocab]
 
-    def first_logits(self, ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (1, vocab) after prompt ids (1, n) run into an empty one-sequence cache as
-        stream() runs one: a one-token prompt as a native step where native.c runs (a tensor
-        the next step reuses), longer ones in torch."""
+    def prompt_into_slot(self, ids: torch.Tensor, cache: KVCache, slot: int) -> torch.Tensor:
+        """Logits (1, vocab) after prompt ids (1, n) run alone into slot `slot` of a slot cache
+        (KVCache.slots) from its start, as stream() runs a prompt: a one-token one as a native
+        step where native.c runs (a tensor the next step reuses), longer ones in torch. The
+        slot's length is set after."""
+        cache.lengths[slot] = 0
+        alone = cache.row(slot)
         native = self.native_decoder()
-        if native is not None and native.fits(cache, ids):
-            return native.step(int(ids), cache)[:, : self.vocab]
-        return self.logits(ids, cache)
+        if native is not None and native.fits(alone, ids):
+            logits = native.step(int(ids), alone)[:, : self.vocab]
+        else:
+            logits = self.logits(ids, alone)
+        cache.lengths[slot] = alone.pos
+        return logits
+
+    @property
+    def batch_rounds_activations(self) -> bool:
+        """Whether a batch in torch would round activations to bfloat16 where a sequence alone
+        runs native.c's float32 ones (bfloat16 or int8 weights): such batches step in
+        native.c instead, here and in a server's engine."""
+        linears = (m for m in self.model.modules() if hasattr(m, "weight"))
+        return any(m.weight.dtype in (torch.bfloat16, torch.int8) for m in linears)
 
     def prefill(self, ids: torch.Tensor, real: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Run left-padded prompts ids (real marks their tokens) into an empty cache and return
@@ -225,8 +239,8 @@ class Generator:
         stats = stats or GenerationStats()
         stats.prompt_tokens, stats.finish = sum(map(len, prompts)), ["length"] * n
         if n > 1 and use_cache and room == width + cfg.max_new_tokens:
-            if self._rounds_activations() and self.native_decoder() is not None:
-                yield from self._slot_stream(prompts, cfg, gens, stats)
+            if self.batch_rounds_activations and self.native_decoder() is not None:
+                yield from self._slot_stream(prompts, cfg, room, gens, stats)
                 return
         cache = KVCache(self.model.config, n, room, device, self.dtype) if use_cache else None
         done = torch.zeros(n, dtype=torch.bool, device=device)
@@ -262,28 +276,19 @@ class Generator:
                     break
         stats.seconds = time.perf_counter() - t0
 
-    def _rounds_activations(self) -> bool:
-        """Whether a batch in torch would round activations to bfloat16 where a sequence alone
-        runs native.c's float32 ones: bfloat16 or int8 weights."""
-        linears = (m for m in self.model.modules() if hasattr(m, "weight"))
-        return any(m.weight.dtype in (torch.bfloat16, torch.int8) for m in linears)
-
-    def _slot_stream(self, prompts, cfg: SamplingConfig, gens, stats) -> Iterator[torch.Tensor]:
+    def _slot_stream(self, prompts, cfg: SamplingConfig, room: int, gens, stats) -> Iterator:
         """stream() for several prompts that each run alone into a slot of one cache (as
         `minigpt2 serve` runs them), then step together in native.c with float32 activations:
         each row's tokens are those it gets alone, which a batch through torch's bfloat16
         products did not give (BENCHMARKS.md, batched decoding). Finished rows repeat
         end-of-text."""
         n, native = len(prompts), self.native
-        cache = KVCache.slots(self.model.config, n, max(map(len, prompts)) + cfg.max_new_tokens,
-                              self.device, self.dtype)  # fmt: skip
+        cache = KVCache.slots(self.model.config, n, room, self.device, self.dtype)
         seqs = [torch.tensor([p], device=self.device) for p in prompts]
-        logits, t0 = [], time.perf_counter()
-        for slot, seq in enumerate(seqs):
-            alone = cache.row(slot)
-            logits.append(self.first_logits(seq, alone).clone())  # native's is reused
-            cache.lengths[slot] = alone.pos
-        logits = torch.cat(logits)
+        t0 = time.perf_counter()  # each prompt's logits copied: a native step's are reused
+        logits = torch.cat(
+            [self.prompt_into_slot(seq, cache, i).clone() for i, seq in enumerate(seqs)]
+        )
         live = list(range(n))
         token = torch.full((n,), -1 if cfg.eot_id is None else cfg.eot_id, device=self.device)
         for step in range(cfg.max_new_tokens):

@@ -129,8 +129,8 @@ class Engine:
         # float32 steps of several rows, and prompts, multiply in oneDNN's layout, a second
         # copy of the weights (the one-row native step reads the first): at 4 to 16 gpt2 rows
         # 1.03-1.28x the engine alone (BENCHMARKS.md); other dtypes get no copy
-        packed = pack_beside_native(self.model)
-        self.native_rows = NATIVE_ROWS if packed else slots
+        pack_beside_native(self.model)
+        self.native_rows = slots if self.generator.batch_rounds_activations else NATIVE_ROWS
         self.cache.attend = slots_attention(self.cache)  # None: torch's attention
         self.rows: list[_Row | None] = [None] * slots
         self.max_queue = max_queue
@@ -211,11 +211,9 @@ class Engine:
         """Run job's prompt into slot and pick its first token."""
         if job.cancelled:
             return
-        self.cache.lengths[slot] = 0
-        alone = self.cache.row(slot)
         ids = torch.tensor([job.prompt], device=self.cache.kv.device)
-        logits = self.generator.first_logits(ids, alone)  # as `minigpt2 sample` runs it
-        self.cache.lengths[slot], self.cache.live[slot] = alone.pos, True
+        logits = self.generator.prompt_into_slot(ids, self.cache, slot)  # as sample runs it
+        self.cache.live[slot] = True
         seed = job.cfg.seed if job.cfg.seed is not None else fresh_seed()
         self.rows[slot] = _Row(job, ids, seeded_generator(seed, ids.device))
         # checked here, not at each step: whether the weights changed costs a pass over them
