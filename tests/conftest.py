@@ -82,6 +82,23 @@ def write_hf_checkpoint(directory: Path, published: bool = False, seed: int = 0,
     return directory
 
 
+def write_slow_endless_checkpoint(directory: Path, n_positions: int) -> Path:
+    """Byte-tokenizer weights slow enough to stop mid-reply: 4 layers of 512, about 2 ms a token
+    on 2 cores (1,000 tokens in 2 s, where the 64-wide model takes 0.07 s). The end-of-text row
+    is zero, so its logit 0 never beats the likeliest of 256 wide-init ones: greedy replies run
+    to max_tokens."""
+    from safetensors.torch import load_file, save_file
+
+    write_hf_checkpoint(
+        directory, n_layer=4, n_head=4, n_embd=512, vocab_size=257, n_positions=n_positions,
+        initializer_range=0.3,
+    )  # fmt: skip
+    tensors = load_file(directory / "model.safetensors")
+    tensors["transformer.wte.weight"][256] = 0
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
 @pytest.fixture
 def hf_tiny(tmp_path: Path) -> Path:
     """A tiny released-layout checkpoint (transformers' own spelling)."""

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import shutil
 import time
-from pathlib import Path
 
 import pytest
-from conftest import write_hf_checkpoint
-from safetensors.torch import load_file, save_file
+from conftest import write_slow_endless_checkpoint
 from test_serve import POSITIONS, start_server, stop_server
 
 webdriver = pytest.importorskip("selenium.webdriver")
@@ -26,23 +24,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def slow_endless_model(directory: Path) -> Path:
-    """A byte-level model of 4 layers of 256 (a few ms a token, so a reply takes seconds)
-    whose end-of-text row is zero: its logit 0 never beats the likeliest of 256 wide-init
-    ones, so greedy replies run to max_tokens."""
-    write_hf_checkpoint(
-        directory, n_layer=4, n_head=4, n_embd=256, vocab_size=257, n_positions=POSITIONS,
-        initializer_range=0.3,
-    )  # fmt: skip
-    tensors = load_file(directory / "model.safetensors")
-    tensors["transformer.wte.weight"][256] = 0
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    return directory
-
-
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    model = slow_endless_model(tmp_path_factory.mktemp("page") / "m")
+    model = write_slow_endless_checkpoint(tmp_path_factory.mktemp("page") / "m", POSITIONS)
     proc, url = start_server(model)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
@@ -93,7 +77,7 @@ def test_a_message_gets_the_streamed_reply(page):
 
 
 def test_stop_ends_the_reply_and_frees_the_row_then_clear_empties(page):
-    """A greedy reply of 800 tokens (a few seconds), stopped once it shows: the page keeps
+    """A greedy reply of 800 tokens (about 2 s), stopped once it shows: the page keeps
     what came, a prefix of the whole reply, and the server frees the row."""
     browser, url = page
     settings(browser, "0", "800")

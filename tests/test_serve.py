@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import write_wide_byte_checkpoint
+from conftest import write_slow_endless_checkpoint, write_wide_byte_checkpoint
 
 from minigpt2.cli import main
 
@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 KEY = "test-key"
-POSITIONS = 1024  # long enough that a disconnect comes before the end
+POSITIONS = 1024
 
 
 def start_server(model: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -51,6 +51,13 @@ def stop_server(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     return write_wide_byte_checkpoint(tmp_path_factory.mktemp("serve") / "m", POSITIONS)
+
+
+@pytest.fixture(scope="module")
+def slow_model_dir(tmp_path_factory) -> Path:
+    """For requests that must still run when the test acts (a disconnect, a full queue,
+    SIGTERM): the 64-wide model makes 1,000 tokens in 0.07 s, before a client can act."""
+    return write_slow_endless_checkpoint(tmp_path_factory.mktemp("slow") / "m", POSITIONS)
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +145,12 @@ def test_concurrent_requests_each_equal_their_alone_result(server, client, model
 
 
 @pytest.mark.parametrize("knob", [["--dtype", "bfloat16"], ["--quantize", "int8"]])
-def test_bfloat16_and_int8_requests_at_once_equal_sample_alone(model_dir, capsys, knob):
+def test_bfloat16_and_int8_requests_at_once_equal_sample_alone(slow_model_dir, capsys, knob):
     """bfloat16 and int8 weights: 8 greedy requests at once each get `minigpt2 sample`'s text
     alone. Before, a batch of more than 4 rows ran torch's products, which round activations to
-    bfloat16, and int8 prompts another kernel than sample's: the texts differed."""
+    bfloat16, and int8 prompts another kernel than sample's: the texts differed. The slow model
+    keeps the first requests running while the last arrive."""
+    model_dir = slow_model_dir
     prompts = [f"{'abcdefgh'[i]} prompt of {i * 7} chars " + "x" * (i * 7) for i in range(8)]
     lengths = [20 + 9 * i for i in range(8)]
     alone = [
@@ -177,19 +186,22 @@ def test_stop_strings_cut_exactly(client):
     assert "".join(c.choices[0].text for c in stream) == cut
 
 
-def test_a_disconnect_frees_its_row(server):
-    headers = {"Authorization": f"Bearer {KEY}"}
-    body = {"prompt": "a", "max_tokens": POSITIONS - 1, "stream": True, "ignore_eos": True}
-    with httpx.Client(base_url=server, headers=headers, timeout=30) as http:
-        before = http.get("/health").json()
-        with http.stream("POST", "/v1/completions", json=body) as response:
-            lines = response.iter_lines()
-            for _ in range(3):
-                next(lines)
-        deadline = time.time() + 10
-        while http.get("/health").json()["running"] and time.time() < deadline:
-            time.sleep(0.02)
-        health = http.get("/health").json()
+def test_a_disconnect_frees_its_row(slow_model_dir):
+    proc, url = start_server(slow_model_dir)
+    body = {"prompt": "a", "max_tokens": POSITIONS - 1, "stream": True}
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            before = http.get("/health").json()
+            with http.stream("POST", "/v1/completions", json=body) as response:
+                lines = response.iter_lines()
+                for _ in range(3):
+                    next(lines)
+            deadline = time.time() + 10
+            while http.get("/health").json()["running"] and time.time() < deadline:
+                time.sleep(0.02)
+            health = http.get("/health").json()
+    finally:
+        stop_server(proc)
     assert health["running"] == 0  # freed at a step, before the tokens it asked for ran out
     assert health["cancelled"] == before["cancelled"] + 1
 
@@ -243,10 +255,11 @@ def test_the_api_key(server):
         assert http.get("/health").status_code == 200  # health needs no key
 
 
-def test_full_queue_503_and_sigterm_ends_streams_cleanly(model_dir):
+def test_full_queue_503_and_sigterm_ends_streams_cleanly(slow_model_dir):
     """One row and room for one waiting: a third request gets 503 with Retry-After; SIGTERM
     then ends the running stream with a last chunk and [DONE], and the server exits 0."""
-    proc, url = start_server(model_dir, "--max-batch", "1", "--max-queue", "1", "--host", "0.0.0.0")
+    knobs = ("--max-batch", "1", "--max-queue", "1", "--host", "0.0.0.0")
+    proc, url = start_server(slow_model_dir, *knobs)
     body = {"prompt": "a", "max_tokens": POSITIONS - 2, "stream": True, "ignore_eos": True}
     try:
         with (
