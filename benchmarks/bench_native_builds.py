@@ -5,8 +5,9 @@ round, on the gpt2 shape with random weights.
     python benchmarks/bench_native_builds.py --base REV [--dtypes float32,bfloat16,int8] \
         [--rows 1,4,8] [--rounds 6] [--burst BUSY_US,PERIOD_US]
 
-Each build is compiled here with setup.py's flags, from `git show REV:...` for the base and
-from the working tree for the other, and loaded with ctypes; the decoder's calls go to one
+Each build is compiled here as `pip install` compiles it (Python's own CFLAGS, then the
+revision's setup.py's extra_compile_args), from `git show REV:...` for the base and from the
+working tree for the other, and loaded with ctypes; the decoder's calls go to one
 build or the other in turn (who goes first alternating), so both see the same machine. Per
 dtype and rows: the median time of each, and the median of each round's ratio (base over
 this tree's: above 1 means this tree is faster), which the machine's drift moves less.
@@ -16,10 +17,12 @@ this tree's: above 1 means this tree is faster), which the machine's drift moves
 from __future__ import annotations
 
 import argparse
+import ast
 import ctypes
 import multiprocessing
 import statistics
 import subprocess
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -34,25 +37,35 @@ from minigpt2.model.attention import KVCache
 
 SOURCE = "src/minigpt2/decode/native/"
 PARTS = ("native.c", "native.h", "native_kernels.h", "native_simd.h")
-FLAGS = ["-O3", "-std=c11", "-fopenmp", "-march=x86-64", "-mtune=generic"]  # setup.py's
+
+
+def text_at(root: Path, revision: str | None, path: str) -> str:
+    """path's text at revision (None: the working tree)."""
+    if revision is None:
+        return (root / path).read_text()
+    return subprocess.run(["git", "show", f"{revision}:{path}"], cwd=root, check=True, text=True,
+                          capture_output=True).stdout  # fmt: skip
+
+
+def flags_of(setup_py: str) -> list[str]:
+    """The compiler's flags as setuptools gives them: Python's CFLAGS and CCSHARED, then the
+    extension's extra_compile_args from setup.py's text (later flags win, so both count)."""
+    extra: list[str] = []
+    for node in ast.walk(ast.parse(setup_py)):
+        if isinstance(node, ast.keyword) and node.arg == "extra_compile_args":
+            extra = ast.literal_eval(node.value)
+    python = [sysconfig.get_config_var(k) or "" for k in ("CFLAGS", "CCSHARED")]
+    return " ".join(python).split() + extra
 
 
 def build(root: Path, revision: str | None, into: Path) -> Path:
     """native.c of revision (None: the working tree) compiled into a shared library."""
     into.mkdir(parents=True)
     for part in PARTS:
-        path = SOURCE + part
-        text = (
-            (root / path).read_text()
-            if revision is None
-            else subprocess.run(
-                ["git", "show", f"{revision}:{path}"], cwd=root, check=True, text=True,
-                capture_output=True,
-            ).stdout
-        )  # fmt: skip
-        (into / part).write_text(text)
+        (into / part).write_text(text_at(root, revision, SOURCE + part))
+    flags = flags_of(text_at(root, revision, "setup.py"))
     library = into / "native.so"
-    subprocess.run(["gcc", *FLAGS, "-shared", "-fPIC", str(into / "native.c"), "-o", str(library)],
+    subprocess.run(["gcc", *flags, "-shared", str(into / "native.c"), "-o", str(library)],
                    check=True)  # fmt: skip
     return library
 

@@ -109,9 +109,10 @@ static inline void share(int rows, int tid, int threads, int *begin, int *end) {
 #define UNROLL 4
 /* With each line of bfloat16 or int8 weights read, the line AHEAD bytes on is prefetched: the
    hardware's stream prefetchers stop at every 4 KiB page, so a page ahead keeps the stream
-   going across page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). Not float32:
-   there the prefetches cost more than they gave (a gpt2 step 1.04-1.20x faster without them,
-   `bench_native_builds.py --rows 1 --dtypes float32`, four runs). */
+   going across page ends (the distance tried from 1 to 8 KiB: BENCHMARKS.md). Not float32
+   one row at a time: there the prefetches cost more than they gave (a gpt2 step 1.04-1.20x
+   faster without them, `bench_native_builds.py --rows 1 --dtypes float32`, four runs); tiles
+   of several inputs prefetch every type. */
 #define AHEAD 4096
 
 /* The widest input split3 splits (native_simd.h): its parts take 6 bytes a column of a
