@@ -19,8 +19,13 @@ setup(
             # puts first: with it the compiler may not assume an int index never overflows, and
             # a gpt2 float32 step ran 1.12-1.15x slower (BENCHMARKS.md, the kernels' section)
             extra_compile_args=[
-                "-O3", "-std=c11", "-fopenmp", "-fno-wrapv", "-march=x86-64", "-mtune=generic",
-            ],  # fmt: skip
+                "-O3",
+                "-std=c11",
+                "-fopenmp",
+                "-fno-wrapv",
+                "-march=x86-64",
+                "-mtune=generic",
+            ],
             extra_link_args=["-fopenmp"],
             optional=True,  # a failed build leaves the pure-PyTorch decoder
         )
