@@ -17,7 +17,7 @@ setup(
             # AVX-512 instruction (which would crash an AVX2-only CPU) whatever the build flags.
             # -fno-wrapv over the -fwrapv of Python's own CFLAGS (sysconfig), which setuptools
             # puts first: with it the compiler may not assume an int index never overflows, and
-            # a gpt2 float32 step ran 1.12-1.15x slower (BENCHMARKS.md, the kernels' section)
+            # a gpt2 float32 step ran 1.09-1.21x faster without it (BENCHMARKS.md, the kernels)
             extra_compile_args=[
                 "-O3",
                 "-std=c11",
