@@ -1,5 +1,6 @@
-"""The training loop: steps, evaluation, checkpoints, faults. The model and data it starts from
-come from startup.py, the optimizer and schedule from optim.py."""
+"""The training loop: steps, when to evaluate and checkpoint, faults. The model and data it starts
+from come from startup.py, the optimizer and schedule from optim.py, its checkpoints' contents
+from run_state.py and its evaluation from evaluation.py."""
 
 from __future__ import annotations
 
@@ -17,11 +18,9 @@ from ..data.batches import Batch
 from ..data.tokenizer import get_tokenizer
 from ..device import autocast, resolve_device, resolve_dtype, set_threads, use_tf32
 from ..errors import MiniGPT2Error
-from ..evaluate.scoring import hellaswag_correct, hellaswag_groups, read_hellaswag
 from ..formats import checkpoint as ckpt
 from .config import TrainConfig
 from .distributed import (
-    all_gathered,
     in_turns,
     init_distributed,
     lost_contact,
@@ -30,11 +29,12 @@ from .distributed import (
     shutdown,
     wrap_model,
 )
+from .evaluation import Evaluation
 from .objectives import objective_for, reference_logps
 from .optim import build_optimizer, lr_at
 from .report import Reporter
+from .run_state import RunState
 from .rundir import RunLock, claim_out_dir, clear_run
-from .sharding import full_model_state, full_optimizer_state, sharded_state_reader
 from .startup import open_data, reference_model, start_model
 
 
@@ -59,7 +59,7 @@ class Interrupted:
             signal.signal(sig, handler)
 
 
-class Trainer:
+class Trainer(RunState, Evaluation):
     """Owns one run: data, model, optimiser, and the state a checkpoint captures."""
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -182,135 +182,6 @@ class Trainer:
             out = fn()
         return mean_across_ranks(out, self.dist) * self.dist.world_size
 
-    def reference_tensors(self) -> dict[str, torch.Tensor]:
-        """DPO's reference log-probabilities, for the checkpoint (none for other objectives)."""
-        if getattr(self.train_batches, "reference", None) is None:
-            return {}
-        return {
-            "dpo.reference.train": torch.from_numpy(self.train_batches.reference),
-            "dpo.reference.val": torch.from_numpy(self.eval_samplers["val"].reference),
-        }
-
-    def _read_hellaswag(self) -> tuple[list, list[int]]:
-        """HellaSwag's examples, tokenized once, and their labels."""
-        if self.cfg.fsdp:
-            raise MiniGPT2Error(
-                "hellaswag during training does not run with fsdp=true; score a checkpoint "
-                "with python -m minigpt2 eval --task hellaswag"
-            )
-        examples = read_hellaswag(self.cfg.hellaswag, self.cfg.hellaswag_examples or None)
-        return hellaswag_groups(self.tokenizer, examples), [ex["label"] for ex in examples]
-
-    def _restore(self, resume: ckpt.CheckpointFile) -> None:
-        """Optimizer, scaler, random generators and counters as the checkpoint saved them."""
-        header = resume.header
-        read = sharded_state_reader(resume, self.model) if self.fsdp else None  # its rows
-        state = ckpt.optimizer_state(resume, self.param_names, read)
-        groups = ckpt.merged_param_groups(
-            header["optimizer_groups"], self.optimizer.state_dict()["param_groups"]
-        )
-        index = {name: i for i, name in enumerate(self.param_names)}
-        self.optimizer.load_state_dict(
-            {"state": {index[n]: v for n, v in state.items()}, "param_groups": groups}
-        )
-        if header.get("scaler"):
-            self.scaler.load_state_dict(header["scaler"])
-        rng = {n: resume.tensor(n) for n in resume.names() if n.startswith("rng.")}
-        if not ckpt.restore_rng(rng, self.dist.rank):  # more ranks now than then
-            torch.manual_seed(self.cfg.seed + self.dist.rank + 7919 * header["iter"])
-        self.iter, self.best_val = header["iter"], header["best_val_loss"]
-        self.elapsed_before = header.get("elapsed", 0.0)
-
-    def header(self) -> dict:
-        """Everything but tensors that a checkpoint needs to resume or to sample."""
-        groups = [
-            {k: v for k, v in g.items() if k != "params"}
-            for g in self.optimizer.state_dict()["param_groups"]
-        ]
-        return {
-            "iter": self.iter,
-            "best_val_loss": self.best_val,
-            "elapsed": self.elapsed(),
-            "model_config": self.model.config.to_dict(),
-            "train_config": vars(self.cfg),
-            "tokenizer": self.tokenizer.name,
-            "tokenizer_hash": self.tokenizer.fingerprint,
-            "tokenizer_spec": self.cfg.tokenizer,
-            "data_format": self.data_format,
-            "objective": self.objective.name,
-            "optimizer_groups": groups,
-            **({"lora": self.lora} if self.lora else {}),
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-        }
-
-    def elapsed(self) -> float:
-        """Training seconds so far, across resumes."""
-        return self.elapsed_before + time.perf_counter() - self.t_start
-
-    def save(self, path_name: str = ckpt.LATEST, weights_only: bool = False) -> None:
-        """Write a checkpoint from the main process. Under FSDP every rank takes part in
-        gathering the full weights and optimizer state first."""
-        if self.fsdp:
-            weights = {
-                f"model.{k}": v
-                for k, v in full_model_state(self.model).items()
-                if k != "lm_head.weight"
-            }
-            state = full_optimizer_state(self.model, self.optimizer) if not weights_only else {}
-        else:
-            weights = ckpt.model_tensors(self.model, adapters_only=bool(self.lora))
-            by_index = self.optimizer.state_dict()["state"] if not weights_only else {}
-            state = {self.param_names[i]: v for i, v in by_index.items()}
-        rng = all_gathered(ckpt.rng_tensors(), self.dist) if not weights_only else []
-        if not self.dist.is_main:
-            return
-        tensors = dict(weights)
-        if not weights_only:
-            tensors |= ckpt.optimizer_tensors(state) | ckpt.ranked_rng_tensors(rng)
-            tensors |= self.reference_tensors()
-        ckpt.save_checkpoint(self.out_dir / path_name, tensors, self.header())
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Mean loss of each split over its evaluation batches (weighted by counted targets,
-        pairs or records): eval_iters fixed batches, or every validation record once; and the
-        objective's validation statistics (val_NAME). Rank r takes batches r, r + world, ...;
-        the result does not depend on the number of processes."""
-        self.net.eval()
-        out = {}
-        bs, iters, world = self.cfg.batch_size, self.cfg.eval_iters, self.dist.world_size
-        for split, batches in self.eval_samplers.items():
-            total = torch.zeros(2 + len(self.objective.eval_stats), device=self.device)
-            n = batches.eval_batches(bs, iters)
-            rounds = -(-n // world)  # equal on every rank, as FSDP needs
-            for k in range(self.dist.rank, rounds * world, world):
-                real = k < n
-                b = batches.eval_batch(k if real else 0, bs, iters, self.device)
-                with autocast(self.device, self.dtype):
-                    total += self.objective.eval_sums(self.net, b).float() * real
-            total = mean_across_ranks(total, self.dist)  # the ratios are what matter
-            out[split] = (total[0] / total[1]).item()
-            if split == "val":
-                for name, value in zip(self.objective.eval_stats, total[2:], strict=True):
-                    out[f"val_{name}"] = (value / total[1]).item()
-        if self.hellaswag is not None:
-            out |= self._hellaswag()
-        self.net.train()
-        return out
-
-    def _hellaswag(self) -> dict[str, float]:
-        """HellaSwag acc and acc_norm; rank r scores examples r, r + world, ..."""
-        groups, labels = self.hellaswag
-        mine = slice(self.dist.rank, None, self.dist.world_size)
-        with autocast(self.device, self.dtype):
-            right = hellaswag_correct(self.model, groups[mine], labels[mine], self.cfg.batch_size)
-        counts = torch.tensor(right, dtype=torch.float64, device=self.device)
-        counts = mean_across_ranks(counts, self.dist) * self.dist.world_size
-        return {
-            "hellaswag_acc": counts[0].item() / len(labels),
-            "hellaswag_acc_norm": counts[1].item() / len(labels),
-        }
-
     def _batch(self, step: int, micro: int) -> Batch:
         """This rank's micro-batch `micro` of the step's global training batch."""
         j = micro * self.dist.world_size + self.dist.rank
@@ -397,16 +268,6 @@ class Trainer:
         finally:
             self.close()
             shutdown(self.dist, wait_for_all=clean)
-
-    def _evaluation(self) -> dict:
-        """evaluate() as a run reports it, with the seconds it took."""
-        t0 = time.perf_counter()
-        result = self.evaluate()
-        out = {"train_loss": result["train"], "val_loss": result["val"]}
-        if self.objective.perplexity:
-            out["val_ppl"] = math.exp(min(result["val"], 50.0))
-        out |= {k: v for k, v in result.items() if k.startswith(("hellaswag", "val_"))}
-        return out | {"eval_seconds": time.perf_counter() - t0}
 
     def _loop(self, reporter, interrupted: Interrupted) -> dict:
         cfg = self.cfg
