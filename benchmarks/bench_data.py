@@ -19,7 +19,8 @@ import time
 
 
 def worker(mode: str, source: str, tokenizer: str) -> dict:
-    from minigpt2.data.corpus import iter_documents, prepare, resolve_source
+    from minigpt2.data.corpus import prepare
+    from minigpt2.data.sources import iter_documents, resolve_source
     from minigpt2.data.tokenizer import get_tokenizer
 
     tok = get_tokenizer(tokenizer)

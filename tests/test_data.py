@@ -50,7 +50,7 @@ def test_directory_documents_are_separated_by_eot(tmp_path):
 
 @pytest.mark.skipif(not GPT2_TIKTOKEN.is_file(), reason=f"no GPT-2 BPE at {GPT2_TIKTOKEN}")
 def test_gpt2_preparation_equals_plain_encoding_across_chunks(tmp_path, monkeypatch):
-    import minigpt2.data.corpus as data_mod
+    import minigpt2.data.sources as data_mod
 
     monkeypatch.setattr(data_mod, "CHUNK_CHARS", 100)  # force many chunk boundaries
     text = "".join(
@@ -299,7 +299,7 @@ def test_cli_prepare_and_errors(tmp_path):
 
 
 def test_stdlib_source_resolves():
-    from minigpt2.data.corpus import resolve_source
+    from minigpt2.data.sources import resolve_source
 
     src = resolve_source("stdlib")
     assert len(src.files) > 300 and all(f.suffix == ".py" for f in src.files)

@@ -11,8 +11,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ..data.batches import open_corpus
-from ..data.corpus import DECODE_ERRORS
 from ..data.labels import read_labelled, tokenize_labelled
+from ..data.sources import DECODE_ERRORS
 from ..errors import MiniGPT2Error
 from ..evaluate.classify import check_classifier, classification_scores
 from ..evaluate.scoring import hellaswag, perplexity, perplexity_windows, read_hellaswag

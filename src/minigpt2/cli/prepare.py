@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..data.corpus import DECODE_ERRORS, META, prepare
+from ..data.corpus import META, prepare
+from ..data.sources import DECODE_ERRORS
 from ..data.tokenizer import get_tokenizer
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MiniGPT2Error
-from .corpus import check_hub, dataset_error, resolve_source
+from .sources import check_hub, dataset_error, resolve_source
 from .tokenizer import Tokenizer
 
 RECORD_FORMATS = ("instruction", "prompt_completion", "chat")

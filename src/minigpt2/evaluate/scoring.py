@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.corpus import dataset_error, resolve_source
+from ..data.sources import dataset_error, resolve_source
 from ..decode.generate import Generator
 from ..errors import MiniGPT2Error
 from ..model.gpt import GPT, KVCache

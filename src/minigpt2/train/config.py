@@ -11,8 +11,8 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ..data.corpus import DECODE_ERRORS
 from ..data.records import DATA_FORMATS
+from ..data.sources import DECODE_ERRORS
 from ..errors import MiniGPT2Error
 from ..model.config import POS_EMBEDDINGS
 from ..model.lora import LoRAConfig
