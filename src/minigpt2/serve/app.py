@@ -27,8 +27,10 @@ from .protocol import (
     ApiError,
     Knobs,
     bad,
+    chat_logprobs,
     chat_prompt_ids,
     check_context,
+    completion_logprobs,
     completion_prompts,
     envelope,
     new_id,
@@ -131,47 +133,6 @@ def deliver_to(loop: asyncio.AbstractEventLoop):
             pass
 
     return deliver
-
-
-def _token_text(tokenizer, token: int) -> str:
-    return tokenizer.decode_bytes([token]).decode("utf-8", "replace")
-
-
-def _completion_logprobs(tokenizer, entries: list, at: int = 0) -> dict:
-    """OpenAI's legacy logprobs object for completion tokens (token, logprob, top) from
-    character offset at."""
-    tokens, offsets = [], []
-    for token, _, _ in entries:
-        tokens.append(_token_text(tokenizer, token))
-        offsets.append(at)
-        at += len(tokens[-1])
-    return {
-        "tokens": tokens,
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [_by_text(tokenizer, top) for _, _, top in entries],
-        "text_offset": offsets,
-    }
-
-
-def _by_text(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
-    """The likeliest tokens as {text: logprob}; tokens of the same text keep the likeliest."""
-    out: dict[str, float] = {}
-    for token, value in top:
-        out.setdefault(_token_text(tokenizer, token), value)
-    return out
-
-
-def _chat_logprobs(tokenizer, entries: list) -> dict:
-    """The chat API's logprobs object: content, a list of tokens with their alternatives."""
-
-    def one(token: int, lp: float) -> dict:
-        raw = tokenizer.decode_bytes([token])
-        return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
-
-    content = [
-        {**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries
-    ]
-    return {"content": content}
 
 
 async def _read_body(request: Request, limit: int) -> dict:
@@ -306,13 +267,13 @@ def _whole(served: Served, run: _Run, ident: str, chat: bool, texts: dict) -> di
     choices = []
     for c in run.choices:
         if chat:
-            logprobs = _chat_logprobs(tok, c.logprobs) if run.knobs.logprobs is not None else None
+            logprobs = chat_logprobs(tok, c.logprobs) if run.knobs.logprobs is not None else None
             message = {"role": "assistant", "content": texts[c.index]}
             item = {"index": c.index, "message": message, "logprobs": logprobs}
         else:
             text = (tok.decode(c.prompt) if run.knobs.echo else "") + texts[c.index]
             asked = run.knobs.logprobs is not None
-            logprobs = _completion_logprobs(tok, c.logprobs) if asked else None
+            logprobs = completion_logprobs(tok, c.logprobs) if asked else None
             item = {"index": c.index, "text": text, "logprobs": logprobs}
         choices.append(item | {"finish_reason": c.finish})
     kind = "chat.completion" if chat else "text_completion"
@@ -343,7 +304,7 @@ async def _stream(served: Served, run: _Run, ident: str, chat: bool) -> AsyncIte
             logprobs = None
             if run.knobs.logprobs is not None and choice.logprobs and piece:
                 entry = choice.logprobs[-1:]
-                logprobs = _chat_logprobs(tok, entry) if chat else _completion_logprobs(tok, entry)
+                logprobs = chat_logprobs(tok, entry) if chat else completion_logprobs(tok, entry)
             if piece:
                 yield chunk(choice.index, {"content": piece} if chat else piece, None, logprobs)
             if finished:

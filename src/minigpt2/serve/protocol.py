@@ -1,5 +1,6 @@
 """OpenAI's request and reply shapes: reading a request's fields strictly (each bad one a 400
-naming it), and the objects a completion or chat completion returns, whole or in chunks."""
+naming it), and the objects a completion or chat completion returns, whole or in chunks, with
+their logprobs."""
 
 from __future__ import annotations
 
@@ -206,3 +207,44 @@ def usage(prompt: int, completion: int) -> dict:
     """OpenAI's token counts."""
     total = prompt + completion
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+
+
+def _token_text(tokenizer, token: int) -> str:
+    return tokenizer.decode_bytes([token]).decode("utf-8", "replace")
+
+
+def completion_logprobs(tokenizer, entries: list, at: int = 0) -> dict:
+    """OpenAI's legacy logprobs object for completion tokens (token, logprob, top) from
+    character offset at."""
+    tokens, offsets = [], []
+    for token, _, _ in entries:
+        tokens.append(_token_text(tokenizer, token))
+        offsets.append(at)
+        at += len(tokens[-1])
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [_by_text(tokenizer, top) for _, _, top in entries],
+        "text_offset": offsets,
+    }
+
+
+def _by_text(tokenizer, top: list[tuple[int, float]]) -> dict[str, float]:
+    """The likeliest tokens as {text: logprob}; tokens of the same text keep the likeliest."""
+    out: dict[str, float] = {}
+    for token, value in top:
+        out.setdefault(_token_text(tokenizer, token), value)
+    return out
+
+
+def chat_logprobs(tokenizer, entries: list) -> dict:
+    """The chat API's logprobs object: content, a list of tokens with their alternatives."""
+
+    def one(token: int, lp: float) -> dict:
+        raw = tokenizer.decode_bytes([token])
+        return {"token": raw.decode("utf-8", "replace"), "logprob": lp, "bytes": list(raw)}
+
+    content = [
+        {**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries
+    ]
+    return {"content": content}
