@@ -19,19 +19,31 @@ from minigpt2.decode.native import native_available
 AVX512 = re.compile(r"zmm|%k[1-7]|ymm(1[6-9]|2[0-9]|3[01])|vpternlog|vmovdq[au](64|32)|\{1to")
 
 
-@pytest.mark.skipif(
+NEEDS_TOOLS = pytest.mark.skipif(
     platform.machine() != "x86_64" or not (shutil.which("objdump") and shutil.which("cc")),
     reason="needs x86-64 with a C compiler and objdump",
 )
-def test_avx2_kernels_hold_no_avx512_instruction_whatever_the_cflags(tmp_path):
-    """Built with a user's CFLAGS that enable AVX-512 everywhere: before, the AVX2 kernels held
-    186 AVX-512 instructions and would have crashed a CPU with AVX2 alone."""
-    env = {**os.environ, "CFLAGS": "-march=skylake-avx512"}
+
+
+@pytest.fixture(scope="module")
+def built_with_user_cflags(tmp_path_factory) -> Path:
+    """The extension as setup.py builds it under a user's CFLAGS that enable AVX-512 everywhere
+    and ask for -fwrapv (as Python's own CFLAGS do; a CFLAGS variable replaces those), with -g
+    so that the library records its flags."""
+    tmp = tmp_path_factory.mktemp("build")
+    env = {**os.environ, "CFLAGS": "-march=skylake-avx512 -fwrapv -g"}
     build = [sys.executable, "setup.py", "-q", "build_ext", "--force"]
-    build += ["-b", str(tmp_path / "lib"), "-t", str(tmp_path / "tmp")]
+    build += ["-b", str(tmp / "lib"), "-t", str(tmp / "tmp")]
     result = subprocess.run(build, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    library = next((tmp_path / "lib").rglob("_native*.so"))
+    return next((tmp / "lib").rglob("_native*.so"))
+
+
+@NEEDS_TOOLS
+def test_avx2_kernels_hold_no_avx512_instruction_whatever_the_cflags(built_with_user_cflags):
+    """Built with a user's CFLAGS that enable AVX-512 everywhere: before, the AVX2 kernels held
+    186 AVX-512 instructions and would have crashed a CPU with AVX2 alone."""
+    library = built_with_user_cflags
     listing = subprocess.run(
         ["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True
     ).stdout
@@ -46,6 +58,24 @@ def test_avx2_kernels_hold_no_avx512_instruction_whatever_the_cflags(tmp_path):
     assert avx2 and avx512, "the kernels of both sets are in the library"
     assert [ln for ln in avx2 if AVX512.search(ln)] == []
     assert any(AVX512.search(ln) for ln in avx512)  # the check sees AVX-512 where it is
+
+
+@NEEDS_TOOLS
+@pytest.mark.skipif(not shutil.which("readelf"), reason="needs readelf")
+def test_the_kernels_are_compiled_without_wrapv_whatever_the_cflags(built_with_user_cflags):
+    """-fwrapv (in Python's own CFLAGS, which setuptools puts first) made a gpt2 float32 step
+    1.09-1.21x slower: the flags GCC records in the library's debug information end with
+    -fno-wrapv. Skips where the build keeps no such record (no -g)."""
+    info = subprocess.run(
+        ["readelf", "--debug-dump=info", str(built_with_user_cflags)],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    producers = re.findall(r"DW_AT_producer\s*:.*?(GNU C.*)", info)
+    if not producers:
+        pytest.skip("no DW_AT_producer in the library (built without -g)")
+    for producer in producers:
+        flags = [f for f in producer.split() if f in ("-fwrapv", "-fno-wrapv")]
+        assert flags and flags[-1] == "-fno-wrapv", producer
 
 
 @pytest.mark.skipif(not native_available(), reason="native decoder not built, or no AVX2")
