@@ -144,6 +144,34 @@ def test_lora_trains_adapters_and_head_and_resumes_exactly(tmp_path):
     assert torch.equal(a.transformer.h[0].mlp.c_fc.weight, start.transformer.h[0].mlp.c_fc.weight)
 
 
+def test_lora_classifier_adapters_load_in_peft_with_the_same_logits(tmp_path, capsys):
+    """--adapter-only of a LoRA classifier: PEFT's SEQ_CLS layout, the trained `score` head
+    among modules_to_save, over transformers' GPT2ForSequenceClassification of the base."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    run = classify_settings(tmp_path, lora_r=4, max_iters=4, lr_decay_iters=4)
+    assert train_main(run) == 0
+    out = tmp_path / "adapter"
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "out"), str(out), "--adapter-only"]) == 0
+    assert "num_labels=2" in capsys.readouterr().out
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base = transformers.GPT2ForSequenceClassification.from_pretrained(
+        tmp_path / "start", num_labels=2, pad_token_id=256
+    ).eval()
+    texts = [list(b"so so good film"), list(b"bad"), list(b"good film 7")]
+    width = max(map(len, texts))
+    x = torch.tensor([t + [256] * (width - len(t)) for t in texts])
+    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in texts])
+    with torch.no_grad():
+        fresh = base(input_ids=x, attention_mask=mask).logits  # before PEFT wraps it in place
+        want = peft.PeftModel.from_pretrained(base, out).eval()(input_ids=x, attention_mask=mask)
+        got = load_any(str(tmp_path / "out"))[0].eval()(x, attention_mask=mask, head="score")
+    assert torch.allclose(got, want.logits, atol=1e-5)
+    assert not torch.allclose(want.logits, fresh, atol=1e-3)  # the adapters and head took effect
+
+
 def test_classify_and_eval_commands(tmp_path, capsys):
     assert train_main(classify_settings(tmp_path, max_iters=20, warmup_iters=0)) == 0
     capsys.readouterr()

@@ -111,14 +111,14 @@ def _export_adapters(args, gguf: bool) -> int:
             f"--adapter-only exports a LoRA run's adapters and {args.source} has none; "
             "drop --adapter-only to export the whole model"
         )
-    if header["model_config"].get("labels"):
-        raise MiniGPT2Error(
-            f"{args.source} is a classifier, whose head PEFT's LoRA layout does not carry; "
-            "drop --adapter-only to export the whole model"
-        )
-
+    labels = list(header["model_config"].get("labels") or ())
     written = replace_dir(
-        Path(args.dest), lambda new: save_peft_adapter(tensors, header["lora"], new)
+        Path(args.dest),
+        lambda new: save_peft_adapter(tensors, header["lora"], new, classifier=bool(labels)),
     )
     print(f"wrote {args.dest}: {', '.join(written)} (base: {header['lora']['base']})")
+    if labels:  # the adapter carries the head, not the class names: the base's config must
+        print(f"a classifier: load its base with num_labels={len(labels)}, id2label "
+              f"{dict(enumerate(labels))} and, for padded batches, pad_token_id = end-of-text's "
+              "id (as a whole export sets it)")  # fmt: skip
     return 0
