@@ -10,6 +10,8 @@
 
 enum { F32 = 0, BF16 = 1, INT8 = 2 };
 
+static inline size_t weight_bytes(int type) { return type == F32 ? 4 : type == BF16 ? 2 : 1; }
+
 /* One linear layer: y = W x + b, W (rows, cols) row-major in `type`, b and scale float32
    (scale: int8 only, one per row; b may be NULL). */
 typedef struct {

@@ -52,7 +52,7 @@ static void F(gelu)(float *values, int count, int exact) {
    one-token step ran 1.06-1.23x faster (BENCHMARKS.md, "The native decoder's kernels"). */
 __attribute__((always_inline)) static inline float F(dot_row)(const void *row, int type,
                                                             const float *input, int cols) {
-    const size_t bytes = type == F32 ? 4 : type == BF16 ? 2 : 1;
+    const size_t bytes = weight_bytes(type);
     const int step = type == BF16 ? 2 * VW : VW;
     V acc[2 * UNROLL];
 #pragma GCC unroll 8
@@ -90,7 +90,7 @@ __attribute__((always_inline)) static inline void F(tile)(const char *rows, size
 #pragma GCC unroll 16
     for (int a = 0; a < tile_rows * tile_inputs; a++) acc[a] = F(vzero)();
     int k = 0;
-    const size_t bytes = type == F32 ? 4 : type == BF16 ? 2 : 1;
+    const size_t bytes = weight_bytes(type);
     for (; k + VW <= cols; k += VW) {  /* whole vectors: no masked loads */
         if ((k * bytes) % 64 == 0)  /* each row's next line: AHEAD bytes on (native.h) */
 #pragma GCC unroll 16
@@ -131,7 +131,7 @@ __attribute__((always_inline)) static inline void F(rows_times)(const Linear *la
                                                                const void *parts, int seqs,
                                                                float *out) {
     const int cols = layer->cols, type = layer->type;
-    const size_t row_bytes = (size_t)cols * (type == F32 ? 4 : type == BF16 ? 2 : 1);
+    const size_t row_bytes = (size_t)cols * weight_bytes(type);
     const char *rows = (const char *)layer->w + first * row_bytes;
     if (count == 1 && seqs == 1) {  /* a constant type in each: the compiler drops the others */
         if (type == F32) out[0] = F(dot_row)(rows, F32, inputs, cols);

@@ -166,7 +166,7 @@ static inline V F(widen)(const void *w, int type, size_t k) {
 }
 
 static inline V F(widenn)(const void *w, int type, size_t k, int n) {
-    const size_t bytes = type == F32 ? 4 : type == BF16 ? 2 : 1;
+    const size_t bytes = weight_bytes(type);
     char part[32] = {0};  /* no masked loads of 8- or 16-bit elements in AVX2 */
     __builtin_memcpy(part, (const char *)w + k * bytes, (size_t)n * bytes);
     return F(widen)(part, type, 0);
