@@ -170,6 +170,19 @@ def test_lora_classifier_adapters_load_in_peft_with_the_same_logits(tmp_path, ca
         got = load_any(str(tmp_path / "out"))[0].eval()(x, attention_mask=mask, head="score")
     assert torch.allclose(got, want.logits, atol=1e-5)
     assert not torch.allclose(want.logits, fresh, atol=1e-3)  # the adapters and head took effect
+    # bad input: one line each, exit 2, nothing written or overwritten
+    before = (out / "adapter_model.safetensors").read_bytes()
+    for argv, says in [
+        ([str(tmp_path / "out"), str(tmp_path / "a.gguf"), "--adapter-only"], "not a .gguf"),
+        ([str(tmp_path / "start"), str(tmp_path / "none"), "--adapter-only"], "has none"),
+        ([str(tmp_path / "out"), str(out), "--adapter-only"], "exists"),
+    ]:
+        capsys.readouterr()
+        assert main(["export", *argv]) == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "none").exists()
+    assert (out / "adapter_model.safetensors").read_bytes() == before
 
 
 def test_classify_and_eval_commands(tmp_path, capsys):
